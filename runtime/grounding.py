@@ -1,0 +1,273 @@
+"""The grounding language: box syntaxes, their parser and formatter, and the task instructions.
+
+Everything that reads or writes boxes in model text goes through here: the engine parses generations
+with `parse_answer`, training renders targets with `format_answer`, and evaluation reuses both, so
+what a model is trained on is exactly what the engine parses.
+
+Two syntaxes, one per model family (see REFERENCE.md §2):
+
+* ``qwen2_vl``: ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+  with integer coordinates 0-1000 relative to the image; the image a box lies in is named in words
+  before it ("In the second image: ...", "image 2").
+* ``qwen2_5_vl``: a JSON list ``[{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": 2}]``,
+  often in a ```json fence, coordinates in absolute pixels of the *resized* image; ``image`` is
+  1-based like the words of the other syntax.
+
+In both, an answer may be wrapped as ``<think>...</think><answer>...</answer>`` (chain of thought);
+only the answer part is parsed then.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+MODES = ("direct", "cot", "raw")
+NO_TARGET_TEXT = "None"
+
+
+@dataclass(frozen=True)
+class Box:
+    """A target: the 0-based index of the image it lies in, and its corners in that image's original pixels."""
+
+    image: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str = ""
+
+    def as_tuple(self) -> tuple[int, tuple[float, float, float, float]]:
+        return self.image, (self.x1, self.y1, self.x2, self.y2)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Original size of an image and the size the preprocessor resized it to (both width, height)."""
+
+    width: int
+    height: int
+    resized_width: int
+    resized_height: int
+
+
+ORDINALS = (
+    "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+    "eleventh", "twelfth",
+)
+_ORDINAL_INDEX = {word: i for i, word in enumerate(ORDINALS)}
+_NUMBER_SUFFIX = r"(?:st|nd|rd|th)"
+# "second image", "2nd image", "image 2", "image #2", "picture 2", "Image-2": the last mention before a box names its image.
+_IMAGE_REF = re.compile(
+    r"\b(?:(?P<word>" + "|".join(ORDINALS) + r")|(?P<num1>\d+)" + _NUMBER_SUFFIX + r")\s+(?:image|picture|photo|frame|view)\b"
+    r"|\b(?:image|picture|photo|frame|view)\s*[#:\-]?\s*(?P<num2>\d+)\b",
+    re.IGNORECASE,
+)
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_QWEN2_BOX = re.compile(
+    r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>\s*)?"
+    r"(?:<\|box_start\|>)?\s*\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)\s*,\s*\(\s*" + _NUM + r"\s*,\s*" + _NUM
+    + r"\s*\)\s*(?:<\|box_end\|>|<\|box_start\|>)?",
+    re.DOTALL,
+)
+_JSON_OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+_BBOX_KEY = re.compile(r'"bbox_2d"\s*:\s*\[\s*' + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
+_LABEL_KEY = re.compile(r'"label"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_IMAGE_KEY = re.compile(r'"(?:image|image_index|image_id|img)"\s*:\s*"?(\d+)"?')
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+_THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return family
+
+
+# ----------------------------------------------------------------------------------------------
+# Instructions (prompt text added to the query in "direct" and "cot" modes)
+
+_FORMAT_HINT = {
+    "qwen2_vl": (
+        "Give every target as <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> "
+        "with coordinates from 0 to 1000, each after the image it lies in (\"In the second image: ...\"). "
+        f"If nothing matches, answer {NO_TARGET_TEXT}."
+    ),
+    "qwen2_5_vl": (
+        'Give every target as JSON: [{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": n}], '
+        "with pixel coordinates and n the number of the image it lies in. If nothing matches, answer []."
+    ),
+}
+_COT_HINT = "First think it through inside <think></think>, then give the final answer inside <answer></answer>."
+
+
+def build_instruction(query: str, family: str, mode: str) -> str:
+    """The user text for `query` in a mode: raw sends the query verbatim; direct and cot add the format."""
+    check_family(family)
+    if mode == "raw":
+        return query
+    if mode == "direct":
+        return f"{query}\n{_FORMAT_HINT[family]}"
+    if mode == "cot":
+        return f"{query}\n{_FORMAT_HINT[family]}\n{_COT_HINT}"
+    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting (targets -> model text), used to build training answers
+
+
+def _to_syntax_coords(box: Box, family: str, geom: ImageGeometry) -> list[int]:
+    if family == "qwen2_vl":
+        sx, sy = 1000.0 / geom.width, 1000.0 / geom.height
+    else:
+        sx, sy = geom.resized_width / geom.width, geom.resized_height / geom.height
+    return [round(box.x1 * sx), round(box.y1 * sy), round(box.x2 * sx), round(box.y2 * sy)]
+
+
+def format_boxes(boxes: list[Box], family: str, geometries: list[ImageGeometry]) -> str:
+    """The answer text for `boxes` in the family's syntax (NO_TARGET_TEXT / [] when there are none)."""
+    check_family(family)
+    if family == "qwen2_5_vl":
+        items = []
+        for box in boxes:
+            item = {"bbox_2d": _to_syntax_coords(box, family, geometries[box.image]), "label": box.label}
+            if len(geometries) > 1:
+                item["image"] = box.image + 1
+            items.append(item)
+        return "```json\n" + json.dumps(items, ensure_ascii=False) + "\n```"
+    if not boxes:
+        return NO_TARGET_TEXT
+    parts, current_image = [], None
+    for box in boxes:
+        x1, y1, x2, y2 = _to_syntax_coords(box, family, geometries[box.image])
+        text = f"<|object_ref_start|>{box.label}<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+        if len(geometries) > 1 and box.image != current_image:
+            text = f"In the {_ordinal(box.image)} image: {text}"
+            current_image = box.image
+        parts.append(text)
+    return "\n".join(parts)
+
+
+def format_answer(boxes: list[Box], family: str, geometries: list[ImageGeometry], mode: str = "direct",
+                  reasoning: str = "") -> str:
+    """A whole assistant turn: the boxes, wrapped in <think>/<answer> for chain-of-thought mode."""
+    answer = format_boxes(boxes, family, geometries)
+    if mode == "cot":
+        return f"<think>{reasoning}</think><answer>{answer}</answer>"
+    return answer
+
+
+def _ordinal(index: int) -> str:
+    return ORDINALS[index] if index < len(ORDINALS) else f"{index + 1}th"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing (model text -> boxes in original pixels); tolerant: what cannot be read is skipped
+
+
+def answer_part(text: str) -> str:
+    """The part of a completion that holds the answer: inside the last <answer> when there is one."""
+    answers = _ANSWER.findall(text)
+    return answers[-1] if answers else text
+
+
+def follows_mode(text: str, mode: str) -> bool:
+    """Whether a completion has the shape its mode asks for (cot: <think>..</think><answer>..</answer>)."""
+    if mode == "cot":
+        return _THINK_ANSWER.match(text) is not None
+    return "<think>" not in text and "<answer>" not in text
+
+
+def parse_answer(text: str, family: str, geometries: list[ImageGeometry]) -> list[Box]:
+    """Boxes in `text` (a whole completion), mapped to original pixels, clamped to their image.
+
+    Boxes naming an image outside `geometries` are dropped; unreadable fragments are skipped.
+    """
+    check_family(family)
+    body = answer_part(text)
+    raw = _parse_qwen2_5(body) if family == "qwen2_5_vl" else _parse_qwen2(body)
+    if not raw and family == "qwen2_5_vl":  # a 2.5 model may still answer in the older syntax, and vice versa
+        raw = [(i, c, lab, "qwen2_vl") for i, c, lab, _ in _parse_qwen2(body)]
+    elif not raw:
+        raw = [(i, c, lab, "qwen2_5_vl") for i, c, lab, _ in _parse_qwen2_5(body)]
+    boxes = []
+    for image, coords, label, syntax in raw:
+        if not 0 <= image < len(geometries):
+            continue
+        boxes.append(_to_original(image, coords, label, syntax, geometries[image]))
+    return boxes
+
+
+def has_parsable_answer(text: str, family: str) -> bool:
+    """Whether the answer part is boxes in the family's own syntax or an explicit no-target answer."""
+    body = answer_part(text).strip()
+    if family == "qwen2_5_vl":
+        return bool(_parse_qwen2_5(body)) or _strip_fence(body) == "[]"
+    return bool(_parse_qwen2(body)) or body == NO_TARGET_TEXT
+
+
+def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: str, geom: ImageGeometry) -> Box:
+    if syntax == "qwen2_vl":
+        sx, sy = geom.width / 1000.0, geom.height / 1000.0
+    else:
+        sx, sy = geom.width / geom.resized_width, geom.height / geom.resized_height
+    x1, x2 = sorted((coords[0] * sx, coords[2] * sx))
+    y1, y2 = sorted((coords[1] * sy, coords[3] * sy))
+    clamp = lambda v, hi: min(max(v, 0.0), float(hi))  # noqa: E731
+    return Box(image, clamp(x1, geom.width), clamp(y1, geom.height), clamp(x2, geom.width), clamp(y2, geom.height),
+               label.strip())
+
+
+def _image_mention(segment: str) -> int | None:
+    found = None
+    for match in _IMAGE_REF.finditer(segment):
+        if match.group("word"):
+            found = _ORDINAL_INDEX[match.group("word").lower()]
+        else:
+            found = int(match.group("num1") or match.group("num2")) - 1
+    return found
+
+
+def _parse_qwen2(text: str) -> list[tuple[int, tuple[float, ...], str, str]]:
+    out, image, last_end = [], 0, 0
+    for match in _QWEN2_BOX.finditer(text):
+        mentioned = _image_mention(text[last_end:match.start()])
+        if mentioned is not None:
+            image = mentioned
+        coords = tuple(float(match.group(i)) for i in range(2, 6))
+        out.append((image, coords, match.group("label") or "", "qwen2_vl"))
+        last_end = match.end()
+    return out
+
+
+def _strip_fence(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rsplit("```", 1)[0]
+    return text.strip()
+
+
+def _parse_qwen2_5(text: str) -> list[tuple[int, tuple[float, ...], str, str]]:
+    out = []
+    for obj in _JSON_OBJECT.findall(text):
+        bbox = _BBOX_KEY.search(obj)
+        if not bbox:
+            continue
+        coords = tuple(float(bbox.group(i)) for i in range(1, 5))
+        label_match = _LABEL_KEY.search(obj)
+        label = json.loads(f'"{label_match.group(1)}"') if label_match else ""
+        image_match = _IMAGE_KEY.search(obj)
+        image = int(image_match.group(1)) - 1 if image_match else 0
+        out.append((image, coords, label, "qwen2_5_vl"))
+    return out
+
+
+def _json_string(escaped: str) -> str:
+    try:
+        return json.loads(f'"{escaped}"')
+    except json.JSONDecodeError:
+        return escaped
