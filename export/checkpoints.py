@@ -1,0 +1,176 @@
+"""Random-weight checkpoints with real Qwen2-VL / Qwen2.5-VL architectures, written in HF layout.
+
+No weights can be downloaded here, so tests, the demo and the benchmarks build their models from a
+config. The tokenizer is a byte-level BPE built in code whose special tokens sit at ids of its own
+(not Qwen's), so nothing downstream can get away with hard-coded ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+# Qwen2-VL's chat template (the one the Qwen2-VL and Qwen2.5-VL instruct checkpoints ship).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Dimensions of a random checkpoint. Vision fields follow each family's own config names."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int
+    mrope_section: tuple[int, int, int]
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int  # qwen2_5_vl MLP width; qwen2_vl uses mlp_ratio = intermediate / width
+    tie_word_embeddings: bool = False
+    max_pixels: int = 28 * 28 * 1280
+    min_pixels: int = 56 * 56
+    initializer_range: float = 0.02
+
+
+PRESETS: dict[str, Preset] = {
+    # Small enough that a test exports and runs it in seconds; wide init so greedy output varies.
+    "tiny": Preset(64, 2, 4, 2, 128, 320, (2, 3, 3), 32, 2, 2, 64, max_pixels=28 * 28 * 64,
+                   initializer_range=0.1),
+    # REFERENCE.md §4's bench model: Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
+    "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (16, 24, 24), 640, 8, 10, 1712, tie_word_embeddings=True),
+    # Qwen2-VL-2B's real dimensions.
+    "qwen2-vl-2b": Preset(1536, 28, 12, 2, 8960, 151936, (16, 24, 24), 1280, 32, 16, 5120,
+                          tie_word_embeddings=True),
+}
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (no merges) with Qwen's special tokens at ids 256 and up."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    return tokenizer
+
+
+def _config_dict(family: str, preset: Preset, token_ids: dict[str, int]) -> dict:
+    head_dim = preset.text_hidden // preset.text_heads
+    if sum(preset.mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {preset.mrope_section} does not cover head_dim {head_dim}")
+    text = {
+        "vocab_size": preset.vocab_size,
+        "hidden_size": preset.text_hidden,
+        "intermediate_size": preset.text_intermediate,
+        "num_hidden_layers": preset.text_layers,
+        "num_attention_heads": preset.text_heads,
+        "num_key_value_heads": preset.text_kv_heads,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": list(preset.mrope_section)},
+        "initializer_range": preset.initializer_range,
+        "tie_word_embeddings": preset.tie_word_embeddings,
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+    }
+    if family == "qwen2_vl":
+        vision = {
+            "depth": preset.vision_layers, "embed_dim": preset.vision_width, "hidden_size": preset.text_hidden,
+            "num_heads": preset.vision_heads, "mlp_ratio": preset.vision_intermediate // preset.vision_width,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "initializer_range": preset.initializer_range,
+        }
+    else:
+        vision = {
+            "depth": preset.vision_layers, "hidden_size": preset.vision_width,
+            "intermediate_size": preset.vision_intermediate, "out_hidden_size": preset.text_hidden,
+            "num_heads": preset.vision_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "window_size": 112, "hidden_act": "silu",
+            "fullatt_block_indexes": [i for i in range(preset.vision_layers) if i % 4 == 3] or [preset.vision_layers - 1],
+            "initializer_range": preset.initializer_range,
+        }
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "tie_word_embeddings": preset.tie_word_embeddings,
+    }
+
+
+def make_checkpoint(out_dir: str | Path, family: str = "qwen2_vl", preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight checkpoint (config, safetensors, tokenizer, preprocessor, chat template)."""
+    import torch
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+    if family not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"unknown family {family!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    dims = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer()
+    token_ids = {tok: tokenizer.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
+    config_cls, model_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if family == "qwen2_vl"
+                             else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
+    config = config_cls(**_config_dict(family, dims, token_ids))
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = token_ids["<|endoftext|>"]
+    model.save_pretrained(out)
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
+    processor_type = "Qwen2VLImageProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": processor_type, "min_pixels": dims.min_pixels, "max_pixels": dims.max_pixels,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+    }, indent=2))
+    return out
