@@ -1,0 +1,282 @@
+"""The engine: ground a query over N images with a bundle's ONNX graphs.
+
+    engine = Engine.load("bundle/")
+    result = engine.ground(["left.jpg", "right.jpg"], "the red cup")
+    for box in result.boxes: print(box.image, box.x1, box.y1, box.x2, box.y2, box.label)
+
+The stages read like the algorithm: preprocess -> encode_images -> prefill -> decode_one_token until
+EOS or max_new_tokens (greedy), all in numpy + onnxruntime + tokenizers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image as PILImage
+from tokenizers import Tokenizer
+
+from .errors import BundleError, InputError, PromptTooLongError, ProviderError
+from .grounding import MODES, Box, ImageGeometry, build_instruction, parse_answer
+from .manifest import Manifest, load_manifest
+from .preprocess import ImageInput, PreparedImage, load_image, preprocess_image
+from .prompt import Prompt, build_prompt
+from .vision import vision_feeds
+
+DEVICES = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass
+class GroundingResult:
+    boxes: list[Box]
+    text: str
+    token_ids: list[int]
+    timings_ms: dict[str, float]
+    images: list[ImageGeometry] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "boxes": [{"image": b.image, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "label": b.label}
+                      for b in self.boxes],
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "timings_ms": self.timings_ms,
+            "images": [{"width": g.width, "height": g.height} for g in self.images],
+        }
+
+
+@dataclass
+class ModelInputs:
+    """Exactly what the model sees for a request: the `gemvg inspect` dump."""
+
+    images: list[PreparedImage]
+    prompt: Prompt
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        return np.concatenate([image.pixel_values for image in self.images])
+
+    @property
+    def image_grid_thw(self) -> np.ndarray:
+        return np.asarray([image.grid_thw for image in self.images], dtype=np.int64)
+
+
+class KVCache:
+    """Preallocated key/value buffers, [1, capacity, kv_heads, head_dim] per layer.
+
+    The decoder reads the filled prefix (a contiguous view, no copy) and returns only the new
+    positions' keys and values, which are written in place: no per-token reallocation.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, kv_heads: int, head_dim: int):
+        self.keys = [np.zeros((1, capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((1, capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
+        self.length = 0
+        self.capacity = capacity
+
+    def append(self, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
+        count = new_keys[0].shape[1]
+        end = self.length + count
+        for layer, (k, v) in enumerate(zip(new_keys, new_values)):
+            self.keys[layer][:, self.length:end] = k
+            self.values[layer][:, self.length:end] = v
+        self.length = end
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def providers_for(device: str) -> list[str]:
+    """The execution providers for a device, or a ProviderError naming what is missing."""
+    if device not in DEVICES:
+        raise InputError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    wanted = DEVICES[device]
+    available = set(ort.get_available_providers())
+    if wanted[0] not in available:
+        raise ProviderError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
+                            f"(available: {', '.join(sorted(available))}); install onnxruntime-gpu with "
+                            "CUDA/TensorRT, or use device='cpu'")
+    return [p for p in wanted if p in available]
+
+
+class Engine:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, sessions: dict[str, ort.InferenceSession],
+                 tokenizer: Tokenizer, load_ms: float):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.vision = sessions["vision"]
+        self.embed = sessions["embed"]
+        self.decoder = sessions["decoder"]
+        self.tokenizer = tokenizer
+        self.load_ms = load_ms
+        self.eos = set(manifest.tokens.eos)
+        layers = range(manifest.text.num_layers)
+        # The bundle's decoder I/O naming convention (the manifest lists them; a C++ runtime uses the same).
+        self._past_key_names = [f"past_key_{i}" for i in layers]
+        self._past_value_names = [f"past_value_{i}" for i in layers]
+        self._output_names = ["logits"] + [f"present_key_{i}" for i in layers] + [f"present_value_{i}" for i in layers]
+        declared = set(manifest.decoder_graph.inputs) | set(manifest.decoder_graph.outputs)
+        missing = [n for n in self._past_key_names + self._past_value_names + self._output_names if n not in declared]
+        if missing:
+            raise BundleError(f"{bundle_dir}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
+        self._vision_inputs = {i.name for i in self.vision.get_inputs()}
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str = "cpu", threads: int | None = None,
+             verify: bool = True) -> "Engine":
+        """Open a bundle (checking every file's sha256 unless verify=False) and create its sessions."""
+        start = time.perf_counter()
+        bundle = Path(bundle_dir)
+        manifest = load_manifest(bundle, verify=verify)
+        providers = providers_for(device)
+        options = _session_options(threads)
+        sessions = {
+            name: ort.InferenceSession(str(bundle / graph.path), options, providers=providers)
+            for name, graph in (("vision", manifest.vision_graph), ("embed", manifest.embed_graph),
+                                ("decoder", manifest.decoder_graph))
+        }
+        tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
+        return cls(bundle, manifest, sessions, tokenizer, (time.perf_counter() - start) * 1e3)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[ImageInput]) -> list[PreparedImage]:
+        if isinstance(images, (str, Path, bytes, np.ndarray, PILImage.Image)):
+            images = [images]  # a single image, not a list of them
+        if len(images) == 0:
+            raise InputError("no images: give at least one image to ground the query in")
+        limits = self.manifest.limits
+        if len(images) > limits.max_images:
+            raise InputError(f"{len(images)} images is over this bundle's limit of {limits.max_images}")
+        config = self.manifest.preprocess
+        prepared = [preprocess_image(load_image(image, config.max_image_pixels), config) for image in images]
+        for index, image in enumerate(prepared):
+            if len(image.pixel_values) > limits.max_patches_per_image:
+                raise InputError(f"image {index} needs {len(image.pixel_values)} patches, over this bundle's "
+                                 f"limit of {limits.max_patches_per_image}")
+        return prepared
+
+    def prepare(self, images: Sequence[ImageInput], query: str, mode: str = "direct") -> ModelInputs:
+        """Preprocess images and build the prompt: the exact model inputs of a request."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("the query is empty")
+        prepared = self.preprocess(images)
+        text = build_instruction(query, self.manifest.family, mode)
+        prompt = build_prompt(self.tokenizer, self.manifest, text, [image.grid_thw for image in prepared])
+        return ModelInputs(prepared, prompt)
+
+    def encode_images(self, images: list[PreparedImage]) -> list[np.ndarray]:
+        """Vision features per image, [tokens, hidden] in raster order; one encoder run per image."""
+        features = []
+        for image in images:
+            feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
+            inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
+                      "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
+            (merged,) = self.vision.run(None, {k: v for k, v in inputs.items() if k in self._vision_inputs})
+            features.append(merged if feeds.restore_order is None else merged[feeds.restore_order])
+        return features
+
+    def embed_prompt(self, prompt: Prompt, features: list[np.ndarray]) -> np.ndarray:
+        (embeds,) = self.embed.run(None, {"input_ids": prompt.input_ids[None]})
+        for (start, end), image_features in zip(prompt.image_spans, features):
+            embeds[0, start:end] = image_features
+        return embeds
+
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decoder pass over `embeds` after the cached prefix; appends their keys/values; last logits."""
+        feeds = {"inputs_embeds": embeds, "position_ids": positions}
+        for layer, (key_name, value_name) in enumerate(zip(self._past_key_names, self._past_value_names)):
+            feeds[key_name] = cache.keys[layer][:, :cache.length]
+            feeds[value_name] = cache.values[layer][:, :cache.length]
+        logits, *new_kv = self.decoder.run(self._output_names, feeds)
+        layers = len(self._past_key_names)
+        cache.append(new_kv[:layers], new_kv[layers:])
+        return logits[0, -1]
+
+    def prefill(self, prompt: Prompt, features: list[np.ndarray], cache: KVCache) -> np.ndarray:
+        embeds = self.embed_prompt(prompt, features)
+        return self.run_decoder(embeds, prompt.position_ids[:, None, :], cache)
+
+    def decode_one_token(self, token: int, position: int, cache: KVCache) -> np.ndarray:
+        (embeds,) = self.embed.run(None, {"input_ids": np.asarray([[token]], dtype=np.int64)})
+        return self.run_decoder(embeds, np.full((3, 1, 1), position, dtype=np.int64), cache)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        text = self.manifest.text
+        return KVCache(text.num_layers, capacity, text.num_kv_heads, text.head_dim)
+
+    def check_context(self, prompt_length: int, max_new_tokens: int) -> None:
+        limit = self.manifest.limits.max_context
+        if prompt_length + max_new_tokens > limit:
+            raise PromptTooLongError(f"prompt of {prompt_length} tokens (images included) + {max_new_tokens} new "
+                                     f"tokens exceeds the model's context of {limit} tokens; use fewer or "
+                                     "smaller images, a shorter query or fewer new tokens")
+
+    # -- the main job --------------------------------------------------------------------------
+
+    def ground(self, images: Sequence[ImageInput], query: str, mode: str = "direct",
+               max_new_tokens: int = 256) -> GroundingResult:
+        """Every target of `query` in `images`: boxes in each image's original pixels, greedy decoding."""
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        inputs = self.prepare(images, query, mode)
+        prompt = inputs.prompt
+        self.check_context(len(prompt.input_ids), max_new_tokens)
+        timings["preprocess"] = _lap(clock)
+
+        clock = time.perf_counter()
+        features = self.encode_images(inputs.images)
+        timings["vision"] = _lap(clock)
+
+        clock = time.perf_counter()
+        cache = self.new_cache(len(prompt.input_ids) + max_new_tokens)
+        logits = self.prefill(prompt, features, cache)
+        timings["prefill"] = _lap(clock)
+        timings["time_to_first_token"] = timings["preprocess"] + timings["vision"] + timings["prefill"]
+
+        clock = time.perf_counter()
+        tokens = self.generate(logits, prompt.next_position, cache, max_new_tokens)
+        timings["decode"] = _lap(clock)
+        timings["decode_per_token"] = timings["decode"] / max(1, len(tokens) - 1)
+        timings["total"] = timings["time_to_first_token"] + timings["decode"]
+
+        text = self.decode_text(tokens)
+        geometries = [image.geometry for image in inputs.images]
+        boxes = parse_answer(text, self.manifest.family, geometries)
+        return GroundingResult(boxes, text, tokens, timings, geometries)
+
+    def generate(self, logits: np.ndarray, position: int, cache: KVCache, max_new_tokens: int) -> list[int]:
+        """Greedy tokens from the prefill's logits until EOS (kept, as transformers does) or the budget."""
+        tokens = [int(np.argmax(logits))]
+        while tokens[-1] not in self.eos and len(tokens) < max_new_tokens:
+            logits = self.decode_one_token(tokens[-1], position, cache)
+            position += 1
+            tokens.append(int(np.argmax(logits)))
+        return tokens
+
+    def decode_text(self, tokens: list[int]) -> str:
+        body = tokens[:-1] if tokens and tokens[-1] in self.eos else tokens
+        # Special tokens stay: Qwen2-VL's box syntax is written with them.
+        return self.tokenizer.decode(body, skip_special_tokens=False)
+
+
+def _lap(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3

@@ -1,0 +1,73 @@
+"""Host-side vision metadata: the data-dependent tensors the vision encoder takes as inputs.
+
+Qwen-VL vision towers compute rotary positions, a window order and window boundaries from the image
+grid with Python control flow that no graph exporter captures. As TensorRT-LLM and ORT GenAI do, we
+compute them here, in numpy, and feed them to the exported encoder (one image per run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .manifest import VisionConfig
+
+
+@dataclass
+class VisionFeeds:
+    pixel_values: np.ndarray  # float32 [patches, patch_dim], in attention order
+    rotary_cos: np.ndarray  # float32 [patches, head_dim]
+    rotary_sin: np.ndarray
+    window_ids: np.ndarray  # int64 [patches]: patches attend within equal ids (all 0 = full attention)
+    restore_order: np.ndarray | None  # merged-token permutation back to raster order (window attention only)
+
+
+def patch_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
+    """(row, col) of every patch, laid out merge-block by merge-block as the patches are."""
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    shape = (grid_h // merge, merge, grid_w // merge, merge)
+    rows = rows.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    cols = cols.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    return np.stack([rows, cols], axis=-1)
+
+
+def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of the vision tower's axial 2-D rotary embedding: half the frequencies per axis."""
+    spatial_dim = head_dim // 2
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, spatial_dim, 2, dtype=np.float32) / np.float32(spatial_dim))))
+    freqs = positions[:, :, None].astype(np.float32) * inv_freq.astype(np.float32)  # [n, 2, spatial_dim/2]
+    freqs = freqs.reshape(len(positions), -1)  # (h freqs, w freqs)
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+def window_partition(grid_h: int, grid_w: int, merge: int, window_merged: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window order of merged tokens and each merged token's window id (in that order)."""
+    rows, cols = grid_h // merge, grid_w // merge
+    index = np.arange(rows * cols).reshape(rows, cols)
+    pad_h, pad_w = window_merged - rows % window_merged, window_merged - cols % window_merged
+    padded = np.pad(index, ((0, pad_h), (0, pad_w)), constant_values=-1)
+    win_rows, win_cols = padded.shape[0] // window_merged, padded.shape[1] // window_merged
+    windows = padded.reshape(win_rows, window_merged, win_cols, window_merged).transpose(0, 2, 1, 3)
+    windows = windows.reshape(win_rows * win_cols, -1)
+    order, ids = [], []
+    for window_id, members in enumerate(windows):
+        members = members[members >= 0]
+        order.append(members)
+        ids.append(np.full(len(members), window_id))
+    return np.concatenate(order), np.concatenate(ids)
+
+
+def vision_feeds(pixel_values: np.ndarray, grid_thw: tuple[int, int, int], config: VisionConfig) -> VisionFeeds:
+    t, grid_h, grid_w = grid_thw
+    merge = config.spatial_merge_size
+    unit = merge * merge
+    positions = np.tile(patch_positions(grid_h, grid_w, merge), (t, 1))
+    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    if config.window_size <= 0:
+        return VisionFeeds(pixel_values, cos, sin, np.zeros(len(pixel_values), np.int64), None)
+    order, merged_window_ids = window_partition(grid_h, grid_w, merge, config.window_size // merge // config.patch_size)
+    regroup = lambda a: np.ascontiguousarray(a.reshape(len(a) // unit, unit, -1)[order].reshape(len(a), -1))  # noqa: E731
+    window_ids = np.repeat(merged_window_ids, unit).astype(np.int64)
+    return VisionFeeds(regroup(pixel_values), regroup(cos), regroup(sin), window_ids, np.argsort(order))
