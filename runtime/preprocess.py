@@ -106,8 +106,10 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(handle)
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name}: {err}") from None
+    except Image.DecompressionBombError:
+        # PIL refuses at twice its MAX_IMAGE_PIXELS before our own (header) check can run.
+        raise ImageError(f"{name}: image is over the limit of {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                         "(decompression-bomb guard)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image file") from None
     except (OSError, ValueError, SyntaxError) as err:
