@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 4, 2, 128, 320, (2, 3, 3), 32, 2, 2, 64, max_pixels=28 * 28 * 64,
                    initializer_range=0.1),
     # REFERENCE.md §4's bench model: Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
-    "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (16, 24, 24), 640, 8, 10, 1712, tie_word_embeddings=True),
+    "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (8, 12, 12), 640, 8, 10, 1712, tie_word_embeddings=True),
     # Qwen2-VL-2B's real dimensions.
     "qwen2-vl-2b": Preset(1536, 28, 12, 2, 8960, 151936, (16, 24, 24), 1280, 32, 16, 5120,
                           tie_word_embeddings=True),
