@@ -11,6 +11,7 @@ EOS or max_new_tokens (greedy), all in numpy + onnxruntime + tokenizers.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,7 @@ class GroundingResult:
     token_ids: list[int]
     timings_ms: dict[str, float]
     images: list[ImageGeometry] = field(default_factory=list)
+    reused_prefix_tokens: int = 0  # prompt tokens whose keys/values came from the previous request
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +52,7 @@ class GroundingResult:
             "token_ids": self.token_ids,
             "timings_ms": self.timings_ms,
             "images": [{"width": g.width, "height": g.height} for g in self.images],
+            "reused_prefix_tokens": self.reused_prefix_tokens,
         }
 
 
@@ -82,13 +85,71 @@ class KVCache:
         self.length = 0
         self.capacity = capacity
 
-    def append(self, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
-        count = new_keys[0].shape[1]
+    def ensure_capacity(self, capacity: int) -> None:
+        """Grow (keeping the filled prefix) when a reused cache must hold a longer request."""
+        if capacity <= self.capacity:
+            return
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                grown = np.zeros((1, capacity, *old.shape[2:]), np.float32)
+                grown[:, :self.length] = old[:, :self.length]
+                buffers[layer] = grown
+        self.capacity = capacity
+
+    def new_slots(self, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Views of the next `count` positions, for the decoder to write its new keys/values into."""
         end = self.length + count
-        for layer, (k, v) in enumerate(zip(new_keys, new_values)):
-            self.keys[layer][:, self.length:end] = k
-            self.values[layer][:, self.length:end] = v
-        self.length = end
+        return [k[:, self.length:end] for k in self.keys], [v[:, self.length:end] for v in self.values]
+
+
+class FeatureCache:
+    """Bounded LRU of vision features keyed by image content: a follow-up on the same frames skips vision."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        self.entries[key] = features
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+@dataclass
+class PrefixState:
+    """The last request's prompt and cache: a request that starts the same way reuses its keys/values."""
+
+    input_ids: np.ndarray
+    image_keys: list[str]
+    image_spans: list[tuple[int, int]]
+    cache: KVCache
+
+    def reusable_length(self, input_ids: np.ndarray, image_keys: list[str], spans: list[tuple[int, int]]) -> int:
+        """How many leading tokens have the same ids *and* the same images as the stored prompt.
+
+        Image tokens share one id, so equal ids are not enough: a prefix may only cover images whose
+        content keys match. At least one token is always left to recompute, for its logits.
+        """
+        limit = min(len(input_ids), len(self.input_ids), self.cache.length) - 1
+        if limit <= 0:
+            return 0
+        differs = np.flatnonzero(input_ids[:limit] != self.input_ids[:limit])
+        common = int(differs[0]) if len(differs) else limit
+        for index, (start, end) in enumerate(spans):
+            if start >= common:
+                break
+            same = index < len(self.image_keys) and self.image_keys[index] == image_keys[index] \
+                and self.image_spans[index] == (start, end)
+            if not same:
+                return start
+        return common
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -128,12 +189,21 @@ class Engine:
         # The bundle's decoder I/O naming convention (the manifest lists them; a C++ runtime uses the same).
         self._past_key_names = [f"past_key_{i}" for i in layers]
         self._past_value_names = [f"past_value_{i}" for i in layers]
-        self._output_names = ["logits"] + [f"present_key_{i}" for i in layers] + [f"present_value_{i}" for i in layers]
+        self._present_key_names = [f"present_key_{i}" for i in layers]
+        self._present_value_names = [f"present_value_{i}" for i in layers]
+        names = self._past_key_names + self._past_value_names + self._present_key_names + self._present_value_names
         declared = set(manifest.decoder_graph.inputs) | set(manifest.decoder_graph.outputs)
-        missing = [n for n in self._past_key_names + self._past_value_names + self._output_names if n not in declared]
+        missing = [n for n in names + ["logits"] if n not in declared]
         if missing:
             raise BundleError(f"{bundle_dir}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
         self._vision_inputs = {i.name for i in self.vision.get_inputs()}
+        # Reused across steps and requests: no per-token allocation in the decode loop.
+        self._binding = self.decoder.io_binding()
+        self._logits = np.zeros((1, 1, manifest.text.vocab_size), np.float32)
+        self._token = np.zeros((1, 1), np.int64)
+        self._position = np.zeros((3, 1, 1), np.int64)
+        self.feature_cache = FeatureCache()
+        self._last_prefix: PrefixState | None = None
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "cpu", threads: int | None = None,
@@ -182,44 +252,80 @@ class Engine:
         return ModelInputs(prepared, prompt)
 
     def encode_images(self, images: list[PreparedImage]) -> list[np.ndarray]:
-        """Vision features per image, [tokens, hidden] in raster order; one encoder run per image."""
+        """Vision features per image, [tokens, hidden] in raster order; one encoder run per new image."""
         features = []
         for image in images:
-            feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
-            inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
-                      "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
-            (merged,) = self.vision.run(None, {k: v for k, v in inputs.items() if k in self._vision_inputs})
-            features.append(merged if feeds.restore_order is None else merged[feeds.restore_order])
+            cached = self.feature_cache.get(image.key)
+            if cached is None:
+                cached = self.encode_image(image)
+                self.feature_cache.put(image.key, cached)
+            features.append(cached)
         return features
 
-    def embed_prompt(self, prompt: Prompt, features: list[np.ndarray]) -> np.ndarray:
-        (embeds,) = self.embed.run(None, {"input_ids": prompt.input_ids[None]})
-        for (start, end), image_features in zip(prompt.image_spans, features):
-            embeds[0, start:end] = image_features
+    def encode_image(self, image: PreparedImage) -> np.ndarray:
+        feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
+        inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
+                  "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
+        (merged,) = self.vision.run(None, {k: v for k, v in inputs.items() if k in self._vision_inputs})
+        return merged if feeds.restore_order is None else merged[feeds.restore_order]
+
+    def embed_prompt(self, prompt: Prompt, features: list[np.ndarray | None], start: int = 0) -> np.ndarray:
+        """Embeddings of prompt tokens from `start` on, image tokens replaced by their features."""
+        (embeds,) = self.embed.run(None, {"input_ids": prompt.input_ids[None, start:]})
+        for (span_start, span_end), image_features in zip(prompt.image_spans, features):
+            if span_end > start:
+                embeds[0, span_start - start:span_end - start] = image_features
         return embeds
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        """One decoder pass over `embeds` after the cached prefix; appends their keys/values; last logits."""
-        feeds = {"inputs_embeds": embeds, "position_ids": positions}
-        for layer, (key_name, value_name) in enumerate(zip(self._past_key_names, self._past_value_names)):
-            feeds[key_name] = cache.keys[layer][:, :cache.length]
-            feeds[value_name] = cache.values[layer][:, :cache.length]
-        logits, *new_kv = self.decoder.run(self._output_names, feeds)
-        layers = len(self._past_key_names)
-        cache.append(new_kv[:layers], new_kv[layers:])
-        return logits[0, -1]
+        """One decoder pass over `embeds` after the cached prefix; returns the last position's logits
+        (a view of a reused buffer, valid until the next pass).
 
-    def prefill(self, prompt: Prompt, features: list[np.ndarray], cache: KVCache) -> np.ndarray:
-        embeds = self.embed_prompt(prompt, features)
-        return self.run_decoder(embeds, prompt.position_ids[:, None, :], cache)
+        Inputs are bound to the cache's filled prefix and outputs straight into its next slots and a
+        reused logits buffer, so a step allocates no arrays of its own.
+        """
+        count = embeds.shape[1]
+        binding = self._binding
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("position_ids", positions)
+        new_keys, new_values = cache.new_slots(count)
+        for layer in range(len(new_keys)):
+            binding.bind_cpu_input(self._past_key_names[layer], cache.keys[layer][:, :cache.length])
+            binding.bind_cpu_input(self._past_value_names[layer], cache.values[layer][:, :cache.length])
+            _bind_output(binding, self._present_key_names[layer], new_keys[layer])
+            _bind_output(binding, self._present_value_names[layer], new_values[layer])
+        _bind_output(binding, "logits", self._logits)
+        self.decoder.run_with_iobinding(binding)
+        cache.length += count
+        return self._logits[0, -1]
+
+    def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:
+        """Run the prompt tokens the cache does not hold yet (all of them for a fresh cache)."""
+        start = cache.length
+        embeds = self.embed_prompt(prompt, features, start)
+        return self.run_decoder(embeds, prompt.position_ids[:, None, start:], cache)
 
     def decode_one_token(self, token: int, position: int, cache: KVCache) -> np.ndarray:
-        (embeds,) = self.embed.run(None, {"input_ids": np.asarray([[token]], dtype=np.int64)})
-        return self.run_decoder(embeds, np.full((3, 1, 1), position, dtype=np.int64), cache)
+        self._token[0, 0] = token
+        self._position[:] = position
+        (embeds,) = self.embed.run(None, {"input_ids": self._token})
+        return self.run_decoder(embeds, self._position, cache)
 
     def new_cache(self, capacity: int) -> KVCache:
         text = self.manifest.text
         return KVCache(text.num_layers, capacity, text.num_kv_heads, text.head_dim)
+
+    def cache_for(self, inputs: ModelInputs, capacity: int) -> KVCache:
+        """A cache for this request: the last request's, cut to the prefix they share, or a new one."""
+        prompt, keys = inputs.prompt, [image.key for image in inputs.images]
+        last = self._last_prefix
+        reusable = last.reusable_length(prompt.input_ids, keys, prompt.image_spans) if last else 0
+        if reusable == 0:
+            return self.new_cache(capacity)
+        cache = last.cache
+        cache.length = reusable  # positions after the shared prefix are simply overwritten
+        cache.ensure_capacity(capacity)
+        return cache
 
     def check_context(self, prompt_length: int, max_new_tokens: int) -> None:
         limit = self.manifest.limits.max_context
@@ -231,8 +337,13 @@ class Engine:
     # -- the main job --------------------------------------------------------------------------
 
     def ground(self, images: Sequence[ImageInput], query: str, mode: str = "direct",
-               max_new_tokens: int = 256) -> GroundingResult:
-        """Every target of `query` in `images`: boxes in each image's original pixels, greedy decoding."""
+               max_new_tokens: int = 256, min_new_tokens: int = 0) -> GroundingResult:
+        """Every target of `query` in `images`: boxes in each image's original pixels, greedy decoding.
+
+        A follow-up on the same images reuses their vision features and the prompt's cached prefix
+        (system + images), so only the new query is prefilled. `min_new_tokens` holds EOS back as
+        transformers' option of that name does (benchmarks use it for a fixed output length).
+        """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         timings: dict[str, float] = {}
@@ -243,39 +354,56 @@ class Engine:
         timings["preprocess"] = _lap(clock)
 
         clock = time.perf_counter()
-        features = self.encode_images(inputs.images)
+        cache = self.cache_for(inputs, len(prompt.input_ids) + max_new_tokens)
+        # Only images the reused prefix does not cover need features.
+        needed = [end > cache.length for _, end in prompt.image_spans]
+        fresh = self.encode_images([image for image, need in zip(inputs.images, needed) if need])
+        features = [fresh.pop(0) if need else None for need in needed]
         timings["vision"] = _lap(clock)
 
         clock = time.perf_counter()
-        cache = self.new_cache(len(prompt.input_ids) + max_new_tokens)
+        reused = cache.length
         logits = self.prefill(prompt, features, cache)
         timings["prefill"] = _lap(clock)
         timings["time_to_first_token"] = timings["preprocess"] + timings["vision"] + timings["prefill"]
 
         clock = time.perf_counter()
-        tokens = self.generate(logits, prompt.next_position, cache, max_new_tokens)
+        tokens = self.generate(logits, prompt.next_position, cache, max_new_tokens, min_new_tokens)
         timings["decode"] = _lap(clock)
         timings["decode_per_token"] = timings["decode"] / max(1, len(tokens) - 1)
         timings["total"] = timings["time_to_first_token"] + timings["decode"]
+        self._last_prefix = PrefixState(prompt.input_ids, [image.key for image in inputs.images],
+                                        prompt.image_spans, cache)
 
         text = self.decode_text(tokens)
         geometries = [image.geometry for image in inputs.images]
         boxes = parse_answer(text, self.manifest.family, geometries)
-        return GroundingResult(boxes, text, tokens, timings, geometries)
+        return GroundingResult(boxes, text, tokens, timings, geometries, reused)
 
-    def generate(self, logits: np.ndarray, position: int, cache: KVCache, max_new_tokens: int) -> list[int]:
+    def generate(self, logits: np.ndarray, position: int, cache: KVCache, max_new_tokens: int,
+                 min_new_tokens: int = 0) -> list[int]:
         """Greedy tokens from the prefill's logits until EOS (kept, as transformers does) or the budget."""
-        tokens = [int(np.argmax(logits))]
+        tokens = [self._pick(logits, min_new_tokens > 0)]
         while tokens[-1] not in self.eos and len(tokens) < max_new_tokens:
             logits = self.decode_one_token(tokens[-1], position, cache)
             position += 1
-            tokens.append(int(np.argmax(logits)))
+            tokens.append(self._pick(logits, len(tokens) < min_new_tokens))
         return tokens
+
+    def _pick(self, logits: np.ndarray, hold_eos: bool) -> int:
+        if hold_eos:
+            logits = logits.copy()
+            logits[list(self.eos)] = -np.inf
+        return int(np.argmax(logits))
 
     def decode_text(self, tokens: list[int]) -> str:
         body = tokens[:-1] if tokens and tokens[-1] in self.eos else tokens
         # Special tokens stay: Qwen2-VL's box syntax is written with them.
         return self.tokenizer.decode(body, skip_special_tokens=False)
+
+
+def _bind_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
 
 def _lap(start: float) -> float:

@@ -7,6 +7,7 @@ the last bit; parameters come from the bundle's manifest, which export read from
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -52,6 +53,7 @@ class PreparedImage:
     pixel_values: np.ndarray  # float32 [grid_h * grid_w, 3 * temporal_patch * patch * patch]
     grid_thw: tuple[int, int, int]
     geometry: ImageGeometry
+    key: str  # content hash of the decoded image: the feature and prefix caches' key
 
 
 def _describe(image: ImageInput) -> str:
@@ -156,4 +158,5 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> PreparedIm
     patches = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
     patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
     pixel_values = np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3 * t * p * p))
-    return PreparedImage(pixel_values, (1, grid_h, grid_w), ImageGeometry(width, height, resized_w, resized_h))
+    key = hashlib.blake2b(image.tobytes(), digest_size=16, salt=b"%d" % width).hexdigest() + f"-{width}x{height}"
+    return PreparedImage(pixel_values, (1, grid_h, grid_w), ImageGeometry(width, height, resized_w, resized_h), key)
