@@ -222,6 +222,11 @@ class Engine:
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
         return cls(bundle, manifest, sessions, tokenizer, (time.perf_counter() - start) * 1e3)
 
+    def reset(self) -> None:
+        """Forget cached image features and the cached prompt prefix (the next request starts cold)."""
+        self.feature_cache = FeatureCache(self.feature_cache.capacity)
+        self._last_prefix = None
+
     # -- stages --------------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence[ImageInput]) -> list[PreparedImage]:

@@ -1,0 +1,352 @@
+"""`gemvg bench`: per-stage latency of gemvg bundles side by side with transformers (and ORT GenAI).
+
+    gemvg bench --make-model bench-0.5b --out ckpt/            # a random-weight checkpoint, real architecture
+    gemvg bench --bundle fp32/ --bundle int4/ --checkpoint ckpt/ --baseline hf --out results/
+
+Every system runs in its own worker process (clean peak RSS, no shared thread pools), one after the
+other in the same invocation, on the same generated images and query, with a fixed output length.
+Reported: medians and p90 over the runs after warm-up; time to first token of a follow-up query on
+the same images; decode bandwidth (weight bytes read per token / time per token) against the read
+bandwidth measured here with all threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+QUERY = "Find every red cup in these images."
+FOLLOW_UP = "Now find the blue bottle."
+STAGES = ("load", "preprocess", "vision", "prefill", "time_to_first_token", "decode_per_token", "total",
+          "follow_up_ttft")
+
+
+@dataclass
+class Workload:
+    images: int = 2
+    image_size: int = 448
+    new_tokens: int = 32
+    runs: int = 3
+    warmup: int = 1
+    threads: int = 2
+
+
+@dataclass
+class SystemResult:
+    name: str
+    stages_ms: dict[str, dict[str, float]]  # stage -> {"median", "p90"}
+    peak_rss_mb: float
+    weight_bytes_per_token: int
+    decode_bandwidth_gbs: float
+    prompt_tokens: int
+    size_mb: float
+    extra: dict = field(default_factory=dict)
+
+
+def make_images(workload: Workload, folder: Path) -> list[Path]:
+    """Deterministic smooth random images (PNG), the same for every system."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(workload.images):
+        coarse = rng.integers(0, 256, (workload.image_size // 16, workload.image_size // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((workload.image_size, workload.image_size), Image.Resampling.BICUBIC)
+        path = folder / f"bench_{index}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {stage: {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+            for stage, values in samples.items() if values}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_bandwidth_gbs(threads: int, megabytes: int = 1024, repeats: int = 7) -> float:
+    """Memory read bandwidth: `threads` threads each reading a disjoint chunk of a buffer far larger than cache.
+
+    The kernel is a BLAS dot of a chunk with itself (SIMD, one read of each byte; numpy releases the
+    GIL), and the best of the repeats is kept, so the figure is what this machine can read at most.
+    """
+    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    chunks = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(lambda chunk: chunk.dot(chunk), chunks))
+            best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+
+def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemResult:
+    from gemvg.runtime import Engine
+
+    load_ms = []
+    start = time.perf_counter()
+    engine = Engine.load(bundle, threads=workload.threads)
+    load_ms.append((time.perf_counter() - start) * 1e3)
+    samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    samples["load"] = load_ms
+    prompt_tokens = 0
+    for run in range(workload.warmup + workload.runs):
+        engine.reset()
+        first = engine.ground(images, QUERY, mode="direct", max_new_tokens=workload.new_tokens,
+                              min_new_tokens=workload.new_tokens)
+        follow = engine.ground(images, FOLLOW_UP, mode="direct", max_new_tokens=workload.new_tokens,
+                               min_new_tokens=workload.new_tokens)
+        if run < workload.warmup:
+            continue
+        for stage in ("preprocess", "vision", "prefill", "time_to_first_token", "decode_per_token", "total"):
+            samples[stage].append(first.timings_ms[stage])
+        samples["follow_up_ttft"].append(follow.timings_ms["time_to_first_token"])
+        prompt_tokens = len(engine.prepare(images, QUERY, "direct").prompt.input_ids)
+    manifest = engine.manifest
+    weight_bytes = _graph_bytes(bundle, manifest.decoder_graph)
+    stages = summarize(samples)
+    per_token_s = stages["decode_per_token"]["median"] / 1e3
+    size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
+    return SystemResult(f"gemvg {manifest.precision}", stages, peak_rss_mb(), weight_bytes,
+                        weight_bytes / per_token_s / 1e9, prompt_tokens, size / 1e6,
+                        {"follow_up_reused_tokens": follow.reused_prefix_tokens})
+
+
+def _graph_bytes(bundle: Path, graph) -> int:
+    paths = [bundle / graph.path] + ([bundle / graph.data_path] if graph.data_path else [])
+    return sum(p.stat().st_size for p in paths)
+
+
+def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> SystemResult:
+    """transformers fp32 (default attention), the same prompt as gemvg's direct mode."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.image_utils import load_image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from gemvg.runtime.grounding import build_instruction
+
+    torch.set_num_threads(workload.threads)
+    config = json.loads((checkpoint / "config.json").read_text())
+    family = config["model_type"]
+    start = time.perf_counter()
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    processor_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    processor_config.pop("image_processor_type", None)
+    image_processor = Qwen2VLImageProcessorPil(**processor_config)
+    load_ms = (time.perf_counter() - start) * 1e3
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    template = (checkpoint / "chat_template.jinja").read_text()
+
+    def prepare(query: str) -> dict:
+        pils = [load_image(str(p)) for p in images]
+        processed = image_processor(images=pils, return_tensors="pt")
+        content = [{"type": "image"} for _ in pils] + [{"type": "text", "text": build_instruction(query, family, "direct")}]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+        parts = text.split(image_token)
+        expanded = parts[0] + "".join(image_token * int(g.prod() // 4) + part
+                                      for g, part in zip(processed["image_grid_thw"], parts[1:]))
+        ids = torch.tensor([tokenizer(expanded)["input_ids"]])
+        return {"input_ids": ids, "pixel_values": processed["pixel_values"],
+                "image_grid_thw": processed["image_grid_thw"],
+                "mm_token_type_ids": (ids == model.config.image_token_id).to(torch.int32)}
+
+    samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    samples["load"] = [load_ms]
+    n = workload.new_tokens
+    with torch.no_grad():
+        for run in range(workload.warmup + workload.runs):
+            clock = time.perf_counter()
+            inputs = prepare(QUERY)
+            preprocess = (time.perf_counter() - clock) * 1e3
+            clock = time.perf_counter()
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            vision = (time.perf_counter() - clock) * 1e3
+            clock = time.perf_counter()
+            model.generate(**inputs, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+            first_token = (time.perf_counter() - clock) * 1e3
+            clock = time.perf_counter()
+            model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            full = (time.perf_counter() - clock) * 1e3
+            clock = time.perf_counter()
+            follow = prepare(FOLLOW_UP)
+            model.generate(**follow, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+            follow_ttft = (time.perf_counter() - clock) * 1e3
+            if run < workload.warmup:
+                continue
+            samples["preprocess"].append(preprocess)
+            samples["vision"].append(vision)
+            samples["prefill"].append(first_token - vision)
+            samples["time_to_first_token"].append(preprocess + first_token)
+            samples["decode_per_token"].append((full - first_token) / (n - 1))
+            samples["total"].append(preprocess + full)
+            samples["follow_up_ttft"].append(follow_ttft)
+    text_params = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                      if "visual" not in name and "embed_tokens" not in name)
+    if model.config.tie_word_embeddings:
+        text_params += model.lm_head.weight.numel() * 4
+    stages = summarize(samples)
+    size = sum(f.stat().st_size for f in checkpoint.iterdir() if f.is_file())
+    return SystemResult("transformers fp32", stages, peak_rss_mb(), text_params,
+                        text_params / (stages["decode_per_token"]["median"] / 1e3) / 1e9,
+                        int(inputs["input_ids"].shape[1]), size / 1e6)
+
+
+def worker(spec: dict) -> dict:
+    workload = Workload(**spec["workload"])
+    images = [Path(p) for p in spec["images"]]
+    if spec["kind"] == "gemvg":
+        result = bench_gemvg(Path(spec["path"]), images, workload)
+    elif spec["kind"] == "hf":
+        result = bench_hf(Path(spec["path"]), images, workload)
+    else:
+        raise ValueError(f"unknown system kind {spec['kind']}")
+    return asdict(result)
+
+
+def run_worker(spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["workload"]["threads"]))
+    done = subprocess.run([sys.executable, "-m", "gemvg.benchmarks.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{spec['kind']} {spec['path']}: worker failed: {tail[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def markdown_table(results: list[dict], bandwidth: float, workload: Workload) -> str:
+    lines = [
+        f"Workload: {workload.images} images of {workload.image_size}x{workload.image_size}, "
+        f"{results[0]['prompt_tokens']} prompt tokens, {workload.new_tokens} new tokens, {workload.threads} threads; "
+        f"medians of {workload.runs} runs after {workload.warmup} warm-up (p90 in brackets). "
+        f"Measured read bandwidth: {bandwidth:.1f} GB/s.",
+        "",
+        "| system | end to end | time to first token | vision | prefill | decode / token | follow-up TTFT | "
+        "load | decode GB/s (% of read bw) | peak RSS | size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = results[0]["stages_ms"]["total"]["median"]
+    for result in results:
+        s = result["stages_ms"]
+        cell = lambda k: f"{s[k]['median']:.0f} ms ({s[k]['p90']:.0f})" if k in s else "-"  # noqa: E731
+        ratio = base / s["total"]["median"]
+        lines.append(
+            f"| {result['name']} | {s['total']['median'] / 1e3:.2f} s ({ratio:.2f}x) | {cell('time_to_first_token')} | "
+            f"{cell('vision')} | {cell('prefill')} | {s['decode_per_token']['median']:.1f} ms | "
+            f"{cell('follow_up_ttft')} | {s['load']['median']:.0f} ms | {result['decode_bandwidth_gbs']:.1f} "
+            f"({100 * result['decode_bandwidth_gbs'] / bandwidth:.0f}%) | {result['peak_rss_mb']:.0f} MB | "
+            f"{result['size_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("preprocess", "#999999"), ("vision", "#4363d8"), ("prefill", "#f58231"), ("decode", "#3cb44b")]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * len(results)))
+    for row, result in enumerate(results):
+        s = result["stages_ms"]
+        decode = s["total"]["median"] - s["time_to_first_token"]["median"]
+        values = [s["preprocess"]["median"], s["vision"]["median"], s["prefill"]["median"], decode]
+        left = 0.0
+        for (label, colour), value in zip(parts, values):
+            ax.barh(row, value / 1e3, left=left, color=colour, label=label if row == 0 else None)
+            left += value / 1e3
+    ax.set_yticks(range(len(results)), [r["name"] for r in results])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (median, first query)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemvg bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-model", metavar="NAME", help="write a random-weight checkpoint (bench-0.5b, qwen2-vl-2b, tiny)")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--bundle", action="append", default=[], help="a gemvg bundle to measure; repeat")
+    parser.add_argument("--checkpoint", help="the checkpoint the bundles came from (for baselines)")
+    parser.add_argument("--baseline", action="append", default=[], choices=["hf"], help="baselines to run")
+    parser.add_argument("--out", help="output folder (results.json, results.md, stages.png) or model folder")
+    for name, default in asdict(Workload()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.make_model:
+        from gemvg.export.checkpoints import make_checkpoint
+
+        if not args.out:
+            print("gemvg bench: error: --make-model needs --out", file=sys.stderr)
+            return 2
+        path = make_checkpoint(args.out, family=args.family, preset=args.make_model)
+        print(f"wrote {args.make_model} ({args.family}) to {path}")
+        return 0
+    if not args.bundle and not args.baseline:
+        print("gemvg bench: error: give --bundle and/or --baseline (see gemvg bench -h)", file=sys.stderr)
+        return 2
+    if args.baseline and not args.checkpoint:
+        print("gemvg bench: error: baselines need --checkpoint", file=sys.stderr)
+        return 2
+    workload = Workload(**{name: getattr(args, name) for name in asdict(Workload())})
+    out = Path(args.out or "bench-results")
+    images = make_images(workload, out / "images")
+    specs = [{"kind": b, "path": args.checkpoint} for b in args.baseline] + [{"kind": "gemvg", "path": b} for b in args.bundle]
+    results = []
+    for spec in specs:
+        print(f"[gemvg bench] measuring {spec['kind']} {spec['path']} ...", file=sys.stderr, flush=True)
+        spec.update(images=[str(p) for p in images], workload=asdict(workload))
+        try:
+            results.append(run_worker(spec))
+        except RuntimeError as err:
+            print(f"gemvg bench: error: {err}", file=sys.stderr)
+            return 1
+    bandwidth = read_bandwidth_gbs(workload.threads)
+    table = markdown_table(results, bandwidth, workload)
+    (out / "results.json").write_text(json.dumps({"workload": asdict(workload), "read_bandwidth_gbs": bandwidth,
+                                                  "systems": results}, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    chart(results, out / "stages.png")
+    print(table)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'stages.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
