@@ -271,3 +271,11 @@ def _json_string(escaped: str) -> str:
         return json.loads(f'"{escaped}"')
     except json.JSONDecodeError:
         return escaped
+
+
+def last_image_mention(text: str) -> int | None:
+    """The 0-based image the last image reference in `text` names ("the second image", "image-2"), if any.
+
+    Public so that data loaders resolve "locate it in the third image" with the same rules the parser uses.
+    """
+    return _image_mention(text)
