@@ -65,6 +65,7 @@ def image_files(tmp_path_factory) -> dict[str, Path]:
         "palette.png": (60, 120, "P"),
         "rgba.png": (50, 50, "RGBA"),
         "wide.jpg": (200, 40, "RGB"),
+        "large.jpg": (220, 180, "RGB"),  # several Qwen2.5-VL attention windows, uneven at the edges
         "one_pixel.png": (1, 1, "RGB"),
         "thin_tall.png": (2, 300, "RGB"),
         "thin_wide.png": (180, 1, "RGB"),

@@ -14,7 +14,7 @@ from .hf_reference import hf_generate, hf_inputs, hf_position_ids, load_hf_model
 IMAGE_SETS = {
     "one_image": ["rgb.jpg"],
     "two_images": ["gray.png", "palette.png"],
-    "three_images": ["rgba.png", "wide.jpg", "rgb.jpg"],
+    "three_images": ["rgba.png", "wide.jpg", "large.jpg"],
 }
 QUERY = "Find the small red object."
 MAX_NEW_TOKENS = 24
