@@ -183,10 +183,7 @@ class BundleGrounder:
     """A gemvg bundle, through the runtime Engine, with the query sent verbatim (mode "raw")."""
 
     def __init__(self, bundle: str | Path, device: str = "cpu", threads: int | None = None) -> None:
-        try:
-            from gemvg.runtime import Engine
-        except ImportError:  # the package root may not re-export it
-            from gemvg.runtime.engine import Engine
+        from gemvg.runtime import Engine
         self.engine = Engine.load(bundle, device=device, threads=threads)
         self.family = self.engine.manifest.family
 
@@ -241,7 +238,7 @@ def hf_grounder(checkpoint: str | Path) -> Grounder:
                     mm_token_type_ids=(input_ids == config.image_token_id).to(torch.int32),
                     do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                 )
-            tokens = [t for t in output[0, input_ids.shape[1]:].tolist()]
+            tokens = output[0, input_ids.shape[1]:].tolist()
             while tokens and tokens[-1] in stop_ids:
                 tokens.pop()
             geometries = [ImageGeometry(p.width, p.height, int(grid[2]) * patch, int(grid[1]) * patch)

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemvg.benchmarks.coco_ap import BenchmarkInputError, read_json
-from gemvg.runtime.grounding import ORDINALS
+# The runtime parser's rule for image references ("second image", "2th image", "image-2", "Image2"), so
+# --strict places boxes exactly where the engine's parser would.
+from gemvg.runtime.grounding import last_image_mention
 
 # Appended verbatim (typos and the second <|box_start|> included) when an item's need_format is true.
 OFFICIAL_FORMAT_SUFFIX = "Format:<|box_start|>(x1,y1),(x2,y2)<|box_start|>. Don't generate addtional words."
@@ -87,13 +89,6 @@ def official_prompt(item: MigItem) -> str:
 # ----------------------------------------------------------------------------------------------
 # Which image an item's target lies in (not part of the official protocol: used by --strict only)
 
-_ORDINAL_INDEX = {word: i for i, word in enumerate(ORDINALS)}
-# "second image", "2th image" (the data's own spelling), "image-2", "Image2", "image 2", "picture #2".
-_IMAGE_MENTION = re.compile(
-    r"\b(?:(?P<word>" + "|".join(ORDINALS) + r")|(?P<num1>\d+)(?:st|nd|rd|th))\s+(?:image|picture|photo|frame|view)\b"
-    r"|\b(?:image|picture|photo|frame|view)\s*[#:\-]?\s*(?P<num2>\d+)\b",
-    re.IGNORECASE,
-)
 # The region task shows a source image followed by crops of it; the target is always in the source image.
 _SOURCE_IMAGE_TASKS = frozenset({"region"})
 # Spot-the-difference pairs: the question names no image and the box is the same in both images.
@@ -101,17 +96,6 @@ _UNNAMED_TARGET_TASKS = frozenset({"diff"})
 # group_grounding questions name no image: the target's image is stated in additional_info
 # ("It is in the fifth image. <|box_start|>...").
 _TARGET_IN_ADDITIONAL_INFO_TASKS = frozenset({"group_grounding"})
-
-
-def last_image_mention(text: str) -> int | None:
-    """0-based index of the last image named in `text` ("the 2th image" -> 1), or None if none is named."""
-    found = None
-    for match in _IMAGE_MENTION.finditer(text):
-        if match.group("word"):
-            found = _ORDINAL_INDEX[match.group("word").lower()]
-        else:
-            found = int(match.group("num1") or match.group("num2")) - 1
-    return found
 
 
 def question_image(item: MigItem) -> int | None:

@@ -7,12 +7,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gemvg.benchmarks import eval_cli
+from gemvg.benchmarks.coco_ap import coco_from_dict
 from gemvg.benchmarks.mc_bench import (
-    build_prompt, image_level_accuracy, load_ground_truth, load_pairs, response_to_results, score,
-    subset_ground_truth,
+    build_prompt, image_level_accuracy, load_ground_truth, load_pairs, relabel, response_to_results, score,
+    subset_ground_truth, weighted_ap50,
 )
 from gemvg.runtime.grounding import Box, ImageGeometry, format_boxes
 
@@ -57,8 +60,6 @@ def test_perfect_predictions_score_1_when_no_annotation_has_id_0(coco_gt):
     # pycocotools records a match as the ground truth's id and tests it for truth: id 0 reads as unmatched.
     # With ids shifted by one, the ground truth as predictions must score exactly 1.
     shifted = dict(coco_gt.dataset, annotations=[dict(a, id=a["id"] + 1) for a in coco_gt.dataset["annotations"]])
-    from gemvg.benchmarks.coco_ap import coco_from_dict
-
     gt = coco_from_dict(shifted)
     result = score(gt, as_results(gt.dataset["annotations"]))
     assert result.ap50 == pytest.approx(1.0)
@@ -122,7 +123,6 @@ def test_relabelling_fixes_predicted_groups_that_are_a_permutation_of_the_ground
     counts = Counter(a["category_id"] for a in gt.dataset["annotations"])
     assert result.ap50 == pytest.approx((counts[1] + counts[3]) / sum(counts.values()))
     # Without the relabelling the same predictions would score 0 on every group.
-    from gemvg.benchmarks.mc_bench import weighted_ap50
     assert weighted_ap50(gt, predictions)[0] == 0.0
 
 
@@ -134,7 +134,6 @@ def test_a_swap_of_groups_1_and_2_is_chosen_but_the_chained_renames_merge_both_i
     assert result.assignments[-1].permutation == (2, 1)
     assert result.assignments[-1].mean_iou == pytest.approx(1.0)
     # k=1 turns every "1" into 2, then k=2 turns every 2 (old and new) into 1.
-    from gemvg.benchmarks.mc_bench import relabel
     relabelled, _ = relabel(gt, predictions)
     assert {p["category_id"] for p in relabelled} == {1}
     assert result.category_ap50[2] == 0.0
@@ -147,7 +146,6 @@ def test_only_the_last_processed_pair_keeps_its_relabelling(coco_gt):
     renamed = {3: 1, 1: 2}
     predictions = as_results([a for a in gt.dataset["annotations"] if a["category_id"] in renamed],
                              lambda a: renamed[a["category_id"]])
-    from gemvg.benchmarks.mc_bench import relabel
     relabelled, assignments = relabel(gt, predictions)
     assert [a.permutation for a in assignments] == [(3, 1)] * len(assignments)
     last = {assignments[-1].image_id, assignments[-1].pair_image_id}
@@ -175,7 +173,6 @@ def test_more_predicted_groups_than_ground_truth_groups_relabel_nothing(coco_gt)
     predictions = as_results(annotations) + [dict(as_results(annotations[:1])[0], category_id=3)]
     result = score(gt, predictions)
     assert result.assignments[-1].permutation is None
-    from gemvg.benchmarks.mc_bench import relabel
     assert relabel(gt, predictions)[0] == predictions
 
 
@@ -291,3 +288,76 @@ def test_cli_bad_input_is_one_line_and_exit_2(content, needle, tmp_path, capsys)
     code = eval_cli.main(["mc-bench", "--annotations", str(GT_FILE), "--predictions", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: run a model over the pairs, resumably, convert, score and chart
+
+
+def make_pair_images(root: Path, pairs) -> Path:
+    rng = np.random.default_rng(0)
+    for pair in pairs:
+        for name, (width, height) in zip(pair.file_names, pair.sizes):
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Small stand-ins: only the recorded sizes matter to the conversion, not the pixels.
+            Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+class GroundTruthGrounder:
+    """Answers each pair with its ground truth in Qwen2-VL syntax, and records what it was asked."""
+
+    family = "qwen2_vl"
+
+    def __init__(self, coco_gt, pairs):
+        self.coco_gt, self.by_prompt, self.calls = coco_gt, {build_prompt(p.text, "qwen2_vl"): p for p in pairs}, []
+
+    def answer(self, images, query, max_new_tokens):
+        self.calls.append((list(images), query))
+        pair = self.by_prompt[query]
+        geometries = [ImageGeometry(w, h, w, h) for w, h in pair.sizes]
+        boxes = [Box(pair.image_ids.index(a["image_id"]), a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                     a["bbox"][1] + a["bbox"][3], f"group {a['category_id']}")
+                 for image in pair.image_ids for a in self.coco_gt.imgToAnns[image]]
+        return eval_cli.ModelAnswer(format_boxes(boxes, "qwen2_vl", geometries), geometries)
+
+
+def test_end_to_end_converts_answers_scores_the_chosen_pairs_and_resumes(coco_gt, tmp_path, monkeypatch, capsys):
+    pairs = load_pairs(PAIRS_FILE)[:4]
+    root = make_pair_images(tmp_path / "images", pairs)
+    fake = GroundTruthGrounder(coco_gt, pairs)
+    monkeypatch.setattr(eval_cli, "open_grounder", lambda args: fake)
+    out = tmp_path / "run" / "answers.jsonl"
+    argv = ["mc-bench", "--annotations", str(GT_FILE), "--image-root", str(root), "--bundle", "unused",
+            "--predictions", str(out), "--json"]
+    assert eval_cli.main(argv + ["--limit", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [call[1] for call in fake.calls] == [build_prompt(p.text, "qwen2_vl") for p in pairs[:3]]
+    assert fake.calls[0][0] == [root / name for name in pairs[0].file_names]
+    # The scores are those of the converted results on the three pairs' ground truth.
+    results = json.loads(out.with_suffix(".coco.json").read_text())
+    gt = subset(coco_gt, [p.image_ids for p in pairs[:3]])
+    assert len(results) == len(gt.dataset["annotations"]) > 0
+    assert printed == pytest.approx(score(gt, results).as_dict())
+    assert printed["image_accuracy"] == 1.0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "weighted AP50" in out.with_suffix(".table.txt").read_text()
+    # Rerun with one more pair: only that one is asked.
+    assert eval_cli.main(argv + ["--limit", "4"]) == 0
+    capsys.readouterr()
+    assert [call[1] for call in fake.calls[3:]] == [build_prompt(pairs[3].text, "qwen2_vl")]
+
+
+def test_end_to_end_with_a_tiny_transformers_checkpoint(tiny_checkpoints, tmp_path, capsys):
+    pairs = load_pairs(PAIRS_FILE)[:1]
+    root = make_pair_images(tmp_path / "images", pairs)
+    out = tmp_path / "answers.jsonl"
+    code = eval_cli.main(["mc-bench", "--annotations", str(GT_FILE), "--image-root", str(root), "--hf",
+                          str(tiny_checkpoints["qwen2_5_vl"]), "--predictions", str(out), "--limit", "1",
+                          "--max-new-tokens", "8", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert set(json.loads(captured.out)) == {"ap50", "image_accuracy"}
+    record = json.loads(out.read_text())
+    assert record["index"] == 0 and isinstance(record["response"], str) and isinstance(record["results"], list)

@@ -8,7 +8,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gemvg.benchmarks import eval_cli
 from gemvg.benchmarks.coco_ap import BenchmarkInputError
@@ -373,3 +375,93 @@ def test_cli_bad_input_is_one_line_and_exit_2(problem, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("gemvg eval: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: run a model over the benchmark, resumably, then score and chart
+
+
+def make_images(root: Path, items, indices) -> Path:
+    """Small random pictures at the annotation's own relative paths (the real images are not shipped)."""
+    rng = np.random.default_rng(0)
+    for index in indices:
+        for relative in items[index].images:
+            path = root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+class FakeGrounder:
+    """Answers every item with its ground truth, and records what it was asked."""
+
+    family = "qwen2_vl"
+
+    def __init__(self, items):
+        self.items, self.calls = items, []
+
+    def answer(self, images, query, max_new_tokens):
+        self.calls.append((list(images), query, max_new_tokens))
+        item = next(i for i in self.items if official_prompt(i) == query)
+        return eval_cli.ModelAnswer(as_qwen2_box(item.answer), [])
+
+
+def test_end_to_end_sends_the_official_prompt_resumes_and_writes_table_and_chart(items, tmp_path, monkeypatch,
+                                                                                   capsys):
+    root = make_images(tmp_path / "images", items, range(3))
+    fake = FakeGrounder(items)
+    monkeypatch.setattr(eval_cli, "open_grounder", lambda args: fake)
+    out = tmp_path / "run" / "preds.jsonl"
+    argv = ["mig-bench", "--annotations", str(MIG_DATA), "--image-root", str(root), "--bundle", "unused",
+            "--predictions", str(out), "--json"]
+    assert eval_cli.main(argv + ["--limit", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [(call[1], call[2]) for call in fake.calls] == [(official_prompt(items[i]), 128) for i in (0, 1)]
+    assert fake.calls[0][0] == [root / p for p in items[0].images]  # "./MIG-Bench/..." under the root
+    assert first["overall"]["micro"] == {"IOU@0.7": 100.0, "IOU@0.5": 100.0, "IOU@0.3": 100.0, "AVE_IOU": 100.0,
+                                         "TOTAL": 2}
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "common_object" in out.with_suffix(".table.txt").read_text()
+    assert json.loads(out.with_suffix(".scores.json").read_text()) == first
+
+    # A run killed mid-write leaves half a line: the rerun drops it, skips what is done, and does the rest.
+    with out.open("a") as handle:
+        handle.write('{"index": 2, "respo')
+    assert eval_cli.main(argv + ["--limit", "3"]) == 0
+    capsys.readouterr()
+    assert [call[1] for call in fake.calls[2:]] == [official_prompt(items[2])]
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_end_to_end_reports_a_missing_image_before_running_anything(items, tmp_path, monkeypatch, capsys):
+    fake = FakeGrounder(items)
+    monkeypatch.setattr(eval_cli, "open_grounder", lambda args: fake)
+    code = eval_cli.main(["mig-bench", "--annotations", str(MIG_DATA), "--image-root", str(tmp_path),
+                          "--bundle", "unused", "--predictions", str(tmp_path / "p.jsonl"), "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not found under --image-root" in err and fake.calls == []
+
+
+def test_end_to_end_needs_an_image_root(capsys):
+    code = eval_cli.main(["mig-bench", "--annotations", str(MIG_DATA), "--bundle", "b"])
+    assert code == 2 and "--image-root is required" in capsys.readouterr().err
+
+
+def test_end_to_end_with_the_tiny_bundle_and_the_same_checkpoint_through_transformers(
+        items, tiny_bundle, tiny_checkpoints, tmp_path, capsys):
+    # The bundle is exported from tiny_checkpoints["qwen2_vl"], and the runtime is token-exact with
+    # transformers: the --hf path must write the very same responses as the --bundle path.
+    root = make_images(tmp_path / "images", items, [0])
+    outputs = {}
+    for source, flag in ((tiny_bundle, "--bundle"), (tiny_checkpoints["qwen2_vl"], "--hf")):
+        out = tmp_path / flag.strip("-") / "preds.jsonl"
+        code = eval_cli.main(["mig-bench", "--annotations", str(MIG_DATA), "--image-root", str(root), flag,
+                              str(source), "--predictions", str(out), "--limit", "1", "--max-new-tokens", "12"])
+        assert code == 0, capsys.readouterr().err
+        assert "overall (micro)" in capsys.readouterr().out
+        outputs[flag] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert out.with_suffix(".png").is_file()
+    assert [r["index"] for r in outputs["--bundle"]] == [0] and outputs["--bundle"][0]["response"]
+    assert outputs["--hf"] == outputs["--bundle"]
