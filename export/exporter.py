@@ -203,7 +203,8 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
     import torch
     from torch.export import Dim
 
-    from .graphs import Decoder, TokenEmbedding, VisionEncoder
+    from .decoder_builder import build_decoder
+    from .graphs import TokenEmbedding, VisionEncoder
 
     names: dict[str, tuple[list[str], list[str]]] = {}
     inner = model.model
@@ -233,19 +234,8 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
     progress(f"  embed.onnx written ({time.perf_counter() - started:.1f} s)")
 
     started = time.perf_counter()
-    progress("exporting text decoder with KV cache (3/3)")
-    decoder = Decoder(inner.language_model, model.lm_head, text.head_dim, text.rope_theta, text.mrope_section).eval()
-    layers = range(text.num_layers)
-    # Flattened in forward's order: embeds, positions, past keys, past values -> logits, new keys, new values.
-    inputs = ["inputs_embeds", "position_ids"] + [f"past_key_{i}" for i in layers] + [f"past_value_{i}" for i in layers]
-    outputs = ["logits"] + [f"present_key_{i}" for i in layers] + [f"present_value_{i}" for i in layers]
-    past_len, seq_len = 3, 5
-    cache = lambda: [torch.randn(1, past_len, text.num_kv_heads, text.head_dim) for _ in layers]  # noqa: E731
-    example = (torch.randn(1, seq_len, text.hidden_size), torch.arange(seq_len).expand(3, 1, seq_len).clone(),
-               cache(), cache())
-    past = Dim("past", min=0, max=1 << 20)
-    shapes = ({1: seq}, {2: seq}, [{1: past} for _ in layers], [{1: past} for _ in layers])
-    export_onnx(decoder, example, out / "decoder.onnx", inputs, outputs, shapes, opset)
+    progress("building text decoder with GroupQueryAttention and a shared KV cache (3/3)")
+    inputs, outputs = build_decoder(model, text, out / "decoder.onnx")
     names["decoder"] = (inputs, outputs)
     progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
     return names

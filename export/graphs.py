@@ -3,11 +3,10 @@
 * VisionEncoder: one image's patches -> merged features. Rotary cos/sin and window ids come in as
   inputs (computed on the host by gemvg.runtime.vision), so the graph has no data-dependent control flow.
 * TokenEmbedding: ids -> embeddings.
-* Decoder: embeddings + 3-D M-RoPE positions + the cached prefix's keys/values -> last-position
-  logits and the new positions' keys/values. The causal mask is built in the graph from the shapes.
 
-Each forward calls the HF submodules (linears, norms, MLPs) and spells out only what HF does with
-data-dependent Python (attention splits, rotary tables, caches), so the numerics are HF's.
+The text decoder is not traced: export/decoder_builder.py writes it with ONNX Runtime's fused ops.
+Each forward here calls the HF submodules (linears, norms, MLPs) and spells out only what HF does
+with data-dependent Python (attention splits, rotary tables), so the numerics are HF's.
 """
 
 from __future__ import annotations
@@ -64,65 +63,3 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, input_ids):
         return self.embed_tokens(input_ids)
-
-
-class Decoder(nn.Module):
-    """Text decoder over a KV cache laid out [1, positions, kv_heads, head_dim] per layer."""
-
-    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, head_dim: int, rope_theta: float,
-                 mrope_section: tuple[int, int, int]):
-        super().__init__()
-        self.layers = language_model.layers
-        self.norm = language_model.norm
-        self.lm_head = lm_head
-        self.head_dim = head_dim
-        self.mrope_section = list(mrope_section)
-        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE: frequencies split in sections, section i rotated by axis i % 3 (temporal, height, width)."""
-        freqs = position_ids[..., None].float() * self.inv_freq  # [3, 1, seq, head_dim/2]
-
-        def recompose(table: torch.Tensor) -> torch.Tensor:
-            parts = [part[i % 3] for i, part in enumerate(table.split(self.mrope_section, dim=-1))]
-            table = torch.cat(parts, dim=-1)
-            return torch.cat((table, table), dim=-1)  # [1, seq, head_dim]
-
-        return recompose(freqs.cos()), recompose(freqs.sin())
-
-    def forward(self, inputs_embeds, position_ids, past_keys: list[torch.Tensor], past_values: list[torch.Tensor]):
-        seq = inputs_embeds.shape[1]
-        past_len = past_keys[0].shape[1]
-        cos, sin = self.rotary(position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        key_pos = torch.arange(past_len + seq, device=inputs_embeds.device)
-        query_pos = key_pos[past_len:]
-        causal = torch.where(key_pos[None, :] > query_pos[:, None], float("-inf"), 0.0)
-
-        hidden = inputs_embeds
-        new_keys, new_values = [], []
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(1, seq, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, seq, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, seq, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # [1, seq, kv_heads, head_dim]
-            new_keys.append(new_k)
-            new_values.append(new_v)
-            keys = torch.cat([past_keys[index], new_k], dim=1).transpose(1, 2)
-            values = torch.cat([past_values[index], new_v], dim=1).transpose(1, 2)
-            groups = q.shape[1] // keys.shape[1]
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + causal
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            out = torch.matmul(weights, values).transpose(1, 2).reshape(1, seq, -1)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        # Only the last position's logits: generation needs nothing else, and the lm_head is large.
-        logits = self.lm_head(self.norm(hidden[:, -1:, :]))
-        return logits, new_keys, new_values

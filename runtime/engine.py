@@ -73,15 +73,15 @@ class ModelInputs:
 
 
 class KVCache:
-    """Preallocated key/value buffers, [1, capacity, kv_heads, head_dim] per layer.
+    """Preallocated key/value buffers, [1, kv_heads, capacity, head_dim] per layer.
 
-    The decoder reads the filled prefix (a contiguous view, no copy) and returns only the new
-    positions' keys and values, which are written in place: no per-token reallocation.
+    The decoder's attention reads the first `length` positions and writes the new ones in place (its
+    past and present tensors are the same buffer), so nothing is concatenated or reallocated per token.
     """
 
     def __init__(self, num_layers: int, capacity: int, kv_heads: int, head_dim: int):
-        self.keys = [np.zeros((1, capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
-        self.values = [np.zeros((1, capacity, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
+        self.keys = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
         self.length = 0
         self.capacity = capacity
 
@@ -91,15 +91,10 @@ class KVCache:
             return
         for buffers in (self.keys, self.values):
             for layer, old in enumerate(buffers):
-                grown = np.zeros((1, capacity, *old.shape[2:]), np.float32)
-                grown[:, :self.length] = old[:, :self.length]
+                grown = np.zeros((*old.shape[:2], capacity, old.shape[3]), np.float32)
+                grown[:, :, :self.length] = old[:, :, :self.length]
                 buffers[layer] = grown
         self.capacity = capacity
-
-    def new_slots(self, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Views of the next `count` positions, for the decoder to write its new keys/values into."""
-        end = self.length + count
-        return [k[:, self.length:end] for k in self.keys], [v[:, self.length:end] for v in self.values]
 
 
 class FeatureCache:
@@ -282,26 +277,34 @@ class Engine:
                 embeds[0, span_start - start:span_end - start] = image_features
         return embeds
 
+    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
+        """The decoder's inputs for `embeds` following the cache's filled prefix."""
+        total = cache.length + embeds.shape[1]
+        if total > cache.capacity:
+            raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
+        feeds = {"inputs_embeds": embeds, "position_ids": positions,
+                 "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
+        for layer in range(len(cache.keys)):
+            feeds[self._past_key_names[layer]] = cache.keys[layer]
+            feeds[self._past_value_names[layer]] = cache.values[layer]
+        return feeds
+
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         """One decoder pass over `embeds` after the cached prefix; returns the last position's logits
         (a view of a reused buffer, valid until the next pass).
 
-        Inputs are bound to the cache's filled prefix and outputs straight into its next slots and a
-        reused logits buffer, so a step allocates no arrays of its own.
+        The cache buffers are bound as both past inputs and present outputs (the attention op writes the
+        new positions in place), and the logits go to a reused buffer: a step allocates no arrays.
         """
-        count = embeds.shape[1]
         binding = self._binding
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("position_ids", positions)
-        new_keys, new_values = cache.new_slots(count)
-        for layer in range(len(new_keys)):
-            binding.bind_cpu_input(self._past_key_names[layer], cache.keys[layer][:, :cache.length])
-            binding.bind_cpu_input(self._past_value_names[layer], cache.values[layer][:, :cache.length])
-            _bind_output(binding, self._present_key_names[layer], new_keys[layer])
-            _bind_output(binding, self._present_value_names[layer], new_values[layer])
+        for name, value in self.decoder_feeds(embeds, positions, cache).items():
+            binding.bind_cpu_input(name, value)
+        for layer in range(len(cache.keys)):
+            _bind_output(binding, self._present_key_names[layer], cache.keys[layer])
+            _bind_output(binding, self._present_value_names[layer], cache.values[layer])
         _bind_output(binding, "logits", self._logits)
         self.decoder.run_with_iobinding(binding)
-        cache.length += count
+        cache.length += embeds.shape[1]
         return self._logits[0, -1]
 
     def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:

@@ -1,0 +1,165 @@
+"""The text decoder written directly as an ONNX graph of ONNX Runtime's fused operators.
+
+Like ORT GenAI's model builder, the graph is built node by node from the checkpoint's weights rather
+than traced, so it uses exactly the kernels that make CPU decoding fast:
+
+* GroupQueryAttention over a KV cache that the caller preallocates and shares between the past and
+  present inputs/outputs (BNSH, [1, kv_heads, capacity, head_dim]): no concat, no copy of the cache,
+  no key/value repetition for grouped heads, and prefill after a reused prefix works the same way;
+* SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm with the residual add fused);
+* one MatMul for q, k and v and one for gate and up, so weight-only quantization (MatMulNBits) and
+  static INT8 see few, large matrices;
+* M-RoPE from the 3-D position ids in the graph (section i of the frequencies follows axis i % 3), so
+  the host only computes positions;
+* logits for the last position only.
+
+I/O (the bundle's convention): inputs_embeds [1, S, hidden], position_ids [3, 1, S] int64,
+past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim], seqlens_k [1] int32 (index of the
+last valid position), total_sequence_length [] int32 -> logits [1, 1, vocab], present_key_{i} /
+present_value_{i} (the same buffers as the past ones).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from gemvg.runtime.manifest import TextConfig
+
+OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 1.8e9
+
+
+class GraphBuilder:
+    """Just enough structure to write a graph readably: unique names, constants, one call per node."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        self.count += 1
+        names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self.count}", domain=domain,
+                                           **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def _linear_weight(linear) -> np.ndarray:
+    """HF Linear stores [out, in]; MatMul wants [in, out]."""
+    return linear.weight.detach().float().numpy().T
+
+
+def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], list[str]]:
+    """Write decoder.onnx (+ decoder.onnx.data when large) for a Qwen2-VL / Qwen2.5-VL model."""
+    language_model = model.model.language_model
+    g = GraphBuilder()
+    heads, kv_heads, head_dim, hidden = text.num_heads, text.num_kv_heads, text.head_dim, text.hidden_size
+    layers = range(text.num_layers)
+    eps = float(language_model.config.rms_norm_eps)
+
+    inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq", hidden]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, 1, "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, text.vocab_size])]
+    cache_shape = [1, kv_heads, "capacity", head_dim]
+    for kind in ("key", "value"):
+        for i in layers:
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, cache_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, cache_shape))
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+
+    # M-RoPE tables, once for all layers: angles = position(axis of the section) * inv_freq.
+    inv_freq = 1.0 / (text.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    positions = g.op("Cast", ["position_ids"], to=TensorProto.FLOAT)
+    freqs = g.op("Mul", [g.op("Unsqueeze", [positions, g.constant("axis_last", np.array([-1], np.int64))]),
+                         g.constant("inv_freq", inv_freq.astype(np.float32))])  # [3, 1, S, head_dim/2]
+    sections, start = [], 0
+    for index, width in enumerate(text.mrope_section):
+        axis = index % 3
+        sections.append(g.op("Slice", [freqs, g.constant(f"sec{index}_starts", np.array([axis, start], np.int64)),
+                                       g.constant(f"sec{index}_ends", np.array([axis + 1, start + width], np.int64)),
+                                       g.constant(f"sec{index}_axes", np.array([0, 3], np.int64))]))
+        start += width
+    angles = g.op("Squeeze", [g.op("Concat", sections, axis=-1), g.constant("axis0", np.array([0], np.int64))])
+    angles = g.op("Concat", [angles, angles], axis=-1)  # [1, S, head_dim]
+    angles = g.op("Unsqueeze", [angles, g.constant("axis2", np.array([2], np.int64))])  # [1, S, 1, head_dim]
+    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+    half = g.constant("half_split", np.array([head_dim // 2, head_dim // 2], np.int64))
+
+    def rotate(x: str, num_heads: int, tag: str) -> str:
+        shaped = g.op("Reshape", [x, g.constant(f"{tag}_heads_shape", np.array([1, -1, num_heads, head_dim], np.int64))])
+        first, second = g.op("Split", [shaped, half], outputs=2, axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
+        out = g.op("Add", [g.op("Mul", [shaped, cos]), g.op("Mul", [rotated, sin])])
+        return g.op("Reshape", [out, g.constant(f"{tag}_flat_shape", np.array([1, -1, num_heads * head_dim], np.int64))])
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv_split = g.constant("qkv_split", np.array([q_size, kv_size, kv_size], np.int64))
+    mlp_split = g.constant("mlp_split", np.array([text_intermediate(language_model)] * 2, np.int64))
+
+    residual = "inputs_embeds"
+    pending = None  # the previous sublayer's output, added to the residual by the next fused norm
+    for i in layers:
+        layer = language_model.layers[i]
+        attn = layer.self_attn
+        norm_in = g.constant(f"l{i}_input_norm", layer.input_layernorm.weight.detach().float().numpy())
+        if pending is None:
+            x = g.op("SimplifiedLayerNormalization", [residual, norm_in], axis=-1, epsilon=eps)
+        else:
+            x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm_in], outputs=4,
+                                     domain="com.microsoft", epsilon=eps)
+        qkv_w = np.concatenate([_linear_weight(attn.q_proj), _linear_weight(attn.k_proj), _linear_weight(attn.v_proj)], 1)
+        qkv_b = np.concatenate([attn.q_proj.bias.detach().float().numpy(), attn.k_proj.bias.detach().float().numpy(),
+                                attn.v_proj.bias.detach().float().numpy()])
+        qkv = g.op("Add", [g.op("MatMul", [x, g.constant(f"l{i}_qkv_weight", qkv_w)]), g.constant(f"l{i}_qkv_bias", qkv_b)])
+        q, k, v = g.op("Split", [qkv, qkv_split], outputs=3, axis=-1)
+        attended, _, _ = g.op("GroupQueryAttention",
+                        [rotate(q, heads, f"l{i}_q"), rotate(k, kv_heads, f"l{i}_k"), v, f"past_key_{i}",
+                         f"past_value_{i}", "seqlens_k", "total_sequence_length"],
+                        outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
+                        domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                        scale=float(attn.scaling))
+        attn_out = g.op("MatMul", [attended, g.constant(f"l{i}_o_weight", _linear_weight(attn.o_proj))])
+        norm_post = g.constant(f"l{i}_post_norm", layer.post_attention_layernorm.weight.detach().float().numpy())
+        x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, norm_post], outputs=4,
+                                 domain="com.microsoft", epsilon=eps)
+        mlp = layer.mlp
+        gate_up_w = np.concatenate([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)], 1)
+        gate, up = g.op("Split", [g.op("MatMul", [x, g.constant(f"l{i}_gate_up_weight", gate_up_w)]), mlp_split],
+                        outputs=2, axis=-1)
+        activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+        pending = g.op("MatMul", [activated, g.constant(f"l{i}_down_weight", _linear_weight(mlp.down_proj))])
+
+    # Only the last position goes through the final norm and the (large) lm_head.
+    last = lambda name: g.op("Slice", [name, g.constant(f"last_start_{name}", np.array([-1], np.int64)),  # noqa: E731
+                                       g.constant(f"last_end_{name}", np.array([np.iinfo(np.int64).max], np.int64)),
+                                       g.constant(f"last_axis_{name}", np.array([1], np.int64))])
+    final, _, _, _ = g.op("SkipSimplifiedLayerNormalization",
+                          [last(pending), last(residual), g.constant("final_norm", language_model.norm.weight.detach().float().numpy())],
+                          outputs=4, domain="com.microsoft", epsilon=eps)
+    g.op("MatMul", [final, g.constant("lm_head_weight", _linear_weight(model.lm_head))], outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "gemvg_decoder", inputs, outputs, g.initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                         helper.make_opsetid("com.microsoft", 1)],
+                                   producer_name="gemvg")
+    weight_bytes = sum(t.ByteSize() for t in g.initializers)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(onnx_model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(onnx_model, str(out_path))
+    return [v.name for v in inputs], [v.name for v in outputs]
+
+
+def text_intermediate(language_model) -> int:
+    return int(language_model.config.intermediate_size)
