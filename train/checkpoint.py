@@ -1,0 +1,165 @@
+"""Checkpoint I/O for training: family detection, model and processor loading, export-ready saving.
+
+The processor is built from the checkpoint's image processor and tokenizer without AutoProcessor:
+Qwen-VL's AutoProcessor also builds a video processor, which needs torchvision. Images are all we feed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import DataError
+
+MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+# Everything besides the weights and config.json that a checkpoint needs to be used (and exported) as is.
+COMPANION_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+class CheckpointError(DataError):
+    """A model directory that is missing or not a Qwen2-VL / Qwen2.5-VL checkpoint."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory not found: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from err
+
+
+def checkpoint_family(model_dir: str | Path, require_processor: bool = True) -> str:
+    """The box-syntax family ("qwen2_vl" / "qwen2_5_vl") of a checkpoint, from its config's model_type."""
+    model_type = read_config(model_dir).get("model_type", "")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    if require_processor and not (Path(model_dir) / "preprocessor_config.json").is_file():
+        raise CheckpointError(f"{model_dir} has no preprocessor_config.json")
+    return MODEL_TYPES[model_type]
+
+
+@dataclass(frozen=True)
+class ResizeSettings:
+    """What the image processor resizes to: smart_resize's factor and pixel bounds, from preprocessor_config.json."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path) -> "ResizeSettings":
+        path = Path(model_dir) / "preprocessor_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{model_dir} has no preprocessor_config.json") from err
+        size = config.get("size") or {}
+        min_pixels = config.get("min_pixels", size.get("shortest_edge", 56 * 56))
+        max_pixels = config.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
+        factor = int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
+        return cls(factor=factor, min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(resized_width, resized_height) of an image, by Qwen's smart_resize."""
+        try:  # the runtime's copy, so train and engine cannot disagree
+            from gemvg.runtime.preprocess import smart_resize
+        except ImportError:  # runtime preprocessing not installed yet: transformers' reference
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return w, h
+
+
+def load_processor(model_dir: str | Path):
+    """An image-only Qwen-VL processor (ProcessorMixin, so TRL treats the model as a VLM)."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class QwenVLImageProcessor(Qwen2VLProcessor):
+        """Qwen2VLProcessor without its video processor (whose class needs torchvision to even be checked)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat_template = tokenizer.chat_template
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():
+        chat_template = template_file.read_text()
+    elif (model_dir / "chat_template.json").is_file():
+        chat_template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
+    if not chat_template:
+        raise CheckpointError(f"{model_dir} has no chat template")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    return QwenVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32"):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    family = checkpoint_family(model_dir, require_processor=False)
+    model_cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return model_cls.from_pretrained(model_dir, dtype=torch_dtype)
+
+
+def copy_companion_files(base_dir: str | Path, out_dir: str | Path) -> None:
+    """Tokenizer, chat template, preprocessor and generation config of the base, verbatim.
+
+    Training changes none of them, and copying (not re-saving) keeps what the exporter reads identical
+    to the base checkpoint's; the processor config the trainer may have written (naming our processor
+    class) is dropped.
+    """
+    base, out = Path(base_dir), Path(out_dir)
+    for name in COMPANION_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    stray = out / "processor_config.json"
+    if stray.is_file() and not (base / "processor_config.json").is_file():
+        stray.unlink()
+
+
+def build_export_checkpoint(trained_dir: str | Path, base_dir: str | Path, out_dir: str | Path) -> Path:
+    """A full HF checkpoint the exporter takes as is, from what `Trainer.save_model` wrote.
+
+    `trained_dir` holds either full weights or a LoRA adapter; an adapter is merged into the base
+    weights. Going through `save_model` (rather than the in-memory model) is what gathers ZeRO-3
+    shards and writes on the main process only, so one path serves CPU, DDP and DeepSpeed runs.
+    Weights are saved in the base checkpoint's dtype (a bf16 base stays bf16 even if trained in fp32).
+    """
+    import torch
+
+    trained, out = Path(trained_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_config = read_config(base_dir)
+    base_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
+    if not isinstance(getattr(torch, str(base_dtype), None), torch.dtype):
+        base_dtype = "float32"
+    if (trained / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base_dir, base_dtype), trained).merge_and_unload()
+    else:
+        model = load_model(trained, base_dtype)
+    for config in (model.config, model.config.get_text_config()):
+        config.use_cache = True  # trainers switch the cache off for training; inference wants it
+    model.save_pretrained(out)
+    copy_companion_files(base_dir, out)
+    return out
