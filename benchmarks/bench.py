@@ -221,6 +221,10 @@ def worker(spec: dict) -> dict:
         result = bench_gemvg(Path(spec["path"]), images, workload)
     elif spec["kind"] == "hf":
         result = bench_hf(Path(spec["path"]), images, workload)
+    elif spec["kind"].startswith("ortgenai"):
+        from .ortgenai_baseline import bench_ortgenai
+
+        result = bench_ortgenai(Path(spec["path"]), images, workload, precision=spec["kind"].split("-", 1)[1])
     else:
         raise ValueError(f"unknown system kind {spec['kind']}")
     return asdict(result)
@@ -296,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     parser.add_argument("--bundle", action="append", default=[], help="a gemvg bundle to measure; repeat")
     parser.add_argument("--checkpoint", help="the checkpoint the bundles came from (for baselines)")
-    parser.add_argument("--baseline", action="append", default=[], choices=["hf"], help="baselines to run")
+    parser.add_argument("--baseline", action="append", default=[], choices=["hf", "ortgenai"],
+                        help="baselines to run (ortgenai: ONNX Runtime GenAI fp32 and int4)")
     parser.add_argument("--out", help="output folder (results.json, results.md, stages.png) or model folder")
     for name, default in asdict(Workload()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(**{name: getattr(args, name) for name in asdict(Workload())})
     out = Path(args.out or "bench-results")
     images = make_images(workload, out / "images")
-    specs = [{"kind": b, "path": args.checkpoint} for b in args.baseline] + [{"kind": "gemvg", "path": b} for b in args.bundle]
+    kinds = [k for b in args.baseline for k in (("ortgenai-fp32", "ortgenai-int4") if b == "ortgenai" else (b,))]
+    specs = [{"kind": k, "path": args.checkpoint} for k in kinds] + [{"kind": "gemvg", "path": b} for b in args.bundle]
     results = []
     for spec in specs:
         print(f"[gemvg bench] measuring {spec['kind']} {spec['path']} ...", file=sys.stderr, flush=True)
