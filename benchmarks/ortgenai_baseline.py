@@ -142,8 +142,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _shown(command: list[str]) -> str:
-    return " ".join(["python", *command[1:]])
+def _shown(command: list[str], work: Path, final: Path) -> str:
+    """The command as it would be typed, with the temporary build folder named by its final name."""
+    return " ".join(["python", *command[1:]]).replace(str(work), str(final))
 
 
 def build_ortgenai_model(checkpoint: Path, precision: str, cache_dir: Path | None = None,
@@ -167,13 +168,16 @@ def build_ortgenai_model(checkpoint: Path, precision: str, cache_dir: Path | Non
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(checkpoint)
     source = {"checkpoint": str(checkpoint.resolve()), "onnxruntime_genai": ORT_GENAI_VERSION, "mobius": MOBIUS_VERSION}
 
+    shared_dir = cache_dir / model_dir_name(checkpoint, "vision-embedding")
+    model_dir = cache_dir / model_dir_name(checkpoint, precision)
+
     def build_vision(work: Path) -> dict:
         commands = mobius_commands(checkpoint, work)
         for command in commands:
             _run(command, progress)
-        return {**source, "commands": [_shown(c) for c in commands]}
+        return {**source, "commands": [_shown(c, work, shared_dir) for c in commands]}
 
-    shared = _cached(cache_dir / model_dir_name(checkpoint, "vision-embedding"), build_vision)
+    shared = _cached(shared_dir, build_vision)
 
     def build_model(work: Path) -> dict:
         command = decoder_command(checkpoint, precision, work / "decoder", work / ".builder-cache")
@@ -183,9 +187,9 @@ def build_ortgenai_model(checkpoint: Path, precision: str, cache_dir: Path | Non
             shutil.copytree(shared / component, work / component, copy_function=_link_or_copy)
         _assemble(checkpoint, work)
         vision_commands = json.loads((shared / BUILD_MARKER).read_text())["commands"]
-        return {**source, "precision": precision, "commands": [_shown(command), *vision_commands]}
+        return {**source, "precision": precision, "commands": [_shown(command, work, model_dir), *vision_commands]}
 
-    return _cached(cache_dir / model_dir_name(checkpoint, precision), build_model)
+    return _cached(model_dir, build_model)
 
 
 def _graph_io(path: Path) -> tuple[list[str], list[str]]:
