@@ -66,6 +66,8 @@ PRESETS: dict[str, Preset] = {
     # Small enough that a test exports and runs it in seconds; wide init so greedy output varies.
     "tiny": Preset(64, 2, 4, 2, 128, 320, (2, 3, 3), 32, 2, 2, 64, max_pixels=28 * 28 * 64,
                    initializer_range=0.1),
+    # Linear layers dominate its bytes (small vocab and vision tower): quantization size ratios are meaningful.
+    "linear-heavy": Preset(256, 4, 4, 2, 1024, 320, (8, 12, 12), 32, 2, 2, 64, max_pixels=28 * 28 * 64),
     # REFERENCE.md §4's bench model: Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
     "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (8, 12, 12), 640, 8, 10, 1712, tie_word_embeddings=True),
     # Qwen2-VL-2B's real dimensions.

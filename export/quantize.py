@@ -1,0 +1,648 @@
+"""fp32 bundle -> quantized bundle: static INT8 (Q/DQ, calibrated) and weight-only INT4/INT8 (MatMulNBits).
+
+Precisions (the bundle format is the same for all; only the graphs' contents differ):
+
+* ``int8``: the vision encoder and the decoder get static INT8 with explicit QuantizeLinear /
+  DequantizeLinear nodes (onnxruntime.quantization.quantize_static, QDQ format): weights int8
+  symmetric per output channel, activations int8 symmetric per tensor (zero point 0, as TensorRT's
+  explicit quantization requires), Q/DQ on the inputs of MatMul and Gemm only. Activation ranges come
+  from calibration requests run through the runtime's own preprocessing (gemvg.export.calibration).
+  Which layer groups stay float is decided by measurement: every group is restored to float on its
+  own to measure what its quantization costs in output cosine against fp32, then the costliest
+  groups are restored one by one until the target cosine is met on the calibration samples.
+* ``int4`` / ``int8w``: weight-only block quantization of every decoder MatMul with a constant weight
+  (the lm_head included) to com.microsoft MatMulNBits (MatMulNBitsQuantizer, 4 or 8 bits, symmetric,
+  block size and accuracy level configurable); the vision encoder stays fp32 or gets static INT8. The
+  same measured pass decides which layer groups get 8 bits instead of 4 (int4) or stay float (int8w).
+
+The token embedding (a Gather) stays fp32 in every precision.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gemvg.runtime.errors import GemvgError
+from gemvg.runtime.manifest import GraphFile, Manifest, graph_file, load_manifest
+
+PRECISIONS = ("fp32", "int8", "int4", "int8w")
+WEIGHT_ONLY_BITS = {"int4": 4, "int8w": 8}
+# Output cosine against fp32 that the sensitivity pass must meet on its samples, by precision: 4-bit
+# weights cost more, and a higher bar would give too many groups 8 bits.
+DEFAULT_TARGETS = {"int8": 0.99, "int8w": 0.99, "int4": 0.97}
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("MatMul", "Gemm")  # Q/DQ on the inputs of these; their outputs stay float
+LARGE_GRAPH_BYTES = int(1.8e9)  # protobuf's 2 GB limit, with room: larger graphs use external data
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+FLOAT_BY_DESIGN = {
+    "vision": "Conv (patch embedding, about 1% of the encoder's FLOPs: onnxruntime's CPU kernels fuse a Q/DQ "
+              "Conv into an integer kernel only with a quantized output, so quantizing it would add work), "
+              "norms, softmax, rotary and activation functions: only MatMul/Gemm inputs are quantized",
+    "decoder": "GroupQueryAttention (scores, softmax, weighted values), norms, rotary, activation functions "
+               "and the residual stream: only MatMul inputs are quantized; the cached keys/values stay fp32",
+}
+WEIGHT_ONLY_FLOAT = ("MatMuls without a constant weight (if any) and every other op: GroupQueryAttention, norms, "
+                     "rotary, activation functions; activations stay fp32 (accuracy_level 4 quantizes them on "
+                     "the fly inside MatMulNBits); the embedding Gather stays fp32")
+
+
+class QuantizeError(GemvgError):
+    """Quantization cannot proceed (bad options, missing calibration, unsupported graph)."""
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str = "int8"
+    vision_precision: str | None = None  # fp32 | int8; default int8 for int8, fp32 for weight-only
+    calibration: str | Path | None = None
+    calibration_method: str = "minmax"
+    calibration_samples: int | None = None  # cap on calibration requests (held-back ones excluded)
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute on CPU
+    target_cosine: float | None = None  # per component, min over the sensitivity samples; default by precision
+    sensitivity_samples: int = 2  # calibration requests used to measure output cosines
+    report_samples: int = 3  # held-back requests for the report when the calibration file has none
+    report_tokens: int = 8
+
+    def target(self, component: str) -> float:
+        if self.target_cosine is not None:
+            return self.target_cosine
+        return DEFAULT_TARGETS["int8" if component == "vision" else self.precision]
+
+    @property
+    def vision(self) -> str:
+        return self.vision_precision or ("int8" if self.precision == "int8" else "fp32")
+
+
+def check_options(options: QuantizeOptions) -> None:
+    """Fail fast, before any export work, on options that cannot work."""
+    if options.precision not in PRECISIONS or options.precision == "fp32":
+        raise QuantizeError(f"unknown quantized precision {options.precision!r}; expected int8, int4 or int8w")
+    if options.vision not in ("fp32", "int8"):
+        raise QuantizeError(f"--vision-precision must be fp32 or int8, not {options.vision!r}")
+    needs_calibration = options.precision == "int8" or options.vision == "int8"
+    if needs_calibration and not options.calibration:
+        what = "--precision int8" if options.precision == "int8" else "--vision-precision int8"
+        raise QuantizeError(f"{what} needs calibration requests: --calibration CALIB.jsonl "
+                            '(one {"images": [...], "query": "..."} per line)')
+    if options.calibration_method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"unknown calibration method {options.calibration_method!r}; expected "
+                            f"{', '.join(CALIBRATION_METHODS)}")
+    if options.calibration_samples is not None and options.calibration_samples < 1:
+        raise QuantizeError("--calibration-samples must be at least 1")
+    if options.block_size < 16 or options.block_size & (options.block_size - 1):
+        raise QuantizeError(f"--block-size must be a power of two, at least 16 (got {options.block_size})")
+    if options.accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizeError(f"--accuracy-level must be 0-4 (got {options.accuracy_level})")
+    if options.target_cosine is not None and not 0.0 < options.target_cosine <= 1.0:
+        raise QuantizeError(f"the target cosine must be in (0, 1] (got {options.target_cosine})")
+    if options.calibration and not Path(options.calibration).is_file():
+        raise QuantizeError(f"calibration file not found: {options.calibration}")
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    if denominator == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.dot(a, b) / denominator)
+
+
+@contextmanager
+def _quiet_quantizers():
+    """quantize_static logs a "consider pre-processing" warning per call through the root logger (advice
+    for CNNs) and MatMulNBitsQuantizer a line per node: silenced while they run, then restored."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _session(model_or_path, threads: int | None = None):
+    """A CPU session from a ModelProto (in memory, or through a temp file past protobuf's limit) or a path."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if isinstance(model_or_path, (str, Path)):
+        return ort.InferenceSession(str(model_or_path), options, providers=["CPUExecutionProvider"])
+    if model_or_path.ByteSize() < LARGE_GRAPH_BYTES:
+        return ort.InferenceSession(model_or_path.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save_model(model_or_path, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def save_graph(model, path: Path) -> None:
+    """Write a graph; over protobuf's limit its weights go to `<name>.data` (the bundle's convention)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() < LARGE_GRAPH_BYTES:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+
+
+# -- layer groups ----------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"(?:^|\.)(blocks|layers)\.(\d+)\.(attn|self_attn|mlp)(?:\.|$)")
+
+
+def _scopes(node) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            try:
+                value = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+    return []
+
+
+def _group_of(scopes: list[str], component: str) -> str | None:
+    for scope in reversed(scopes):
+        match = _BLOCK.search(scope)
+        if match:
+            kind = "attn" if match.group(3) in ("attn", "self_attn") else "mlp"
+            unit = "block" if match.group(1) == "blocks" else "layer"
+            return f"{component}.{unit}{int(match.group(2))}.{kind}"
+    for scope in reversed(scopes):
+        for name in ("merger", "patch_embed", "lm_head"):
+            if scope.endswith(name):
+                return f"{component}.{name}"
+    return None
+
+
+_WEIGHT = re.compile(r"^l(\d+)_(qkv|o|gate_up|down)_weight$")
+
+
+def _group_of_weight(node, initializers: set[str], component: str) -> str | None:
+    """Groups of a graph built by name (gemvg's decoder builder): `l{i}_{qkv,o,gate_up,down}_weight`."""
+    for name in node.input:
+        if name not in initializers:
+            continue
+        match = _WEIGHT.match(name)
+        if match:
+            kind = "attn" if match.group(2) in ("qkv", "o") else "mlp"
+            return f"{component}.layer{int(match.group(1))}.{kind}"
+        if name.startswith("lm_head"):
+            return f"{component}.lm_head"
+    return None
+
+
+def node_groups(model, component: str, op_types: Sequence[str] = QUANTIZED_OPS) -> dict[str, list[str]]:
+    """Quantizable nodes by layer group (`vision.block3.mlp`, `decoder.layer0.attn`, `decoder.lm_head`...).
+
+    Groups come from the exporter's module scopes, or for graphs built by name (the decoder) from the
+    weights' names: a block's attention projections (`.attn`), its MLP (`.mlp`). Nodes without a scope
+    are the attention products (scores, weighted values) that gemvg's vision forward writes itself:
+    they form the `.attn_core` group of the block of the scoped node before them in graph order.
+    Graphs without either get one group per node.
+    """
+    groups: dict[str, list[str]] = {}
+    last: str | None = None
+    initializers = {init.name for init in model.graph.initializer}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in op_types:
+            continue
+        group = _group_of(_scopes(node), component) or _group_of_weight(node, initializers, component)
+        if group is None:
+            group = last.rsplit(".", 1)[0] + ".attn_core" if last else f"{component}.{node.name or index}"
+        else:
+            last = group
+        groups.setdefault(group, []).append(node.name)
+    return groups
+
+
+def constant_weight_nodes(model, op_type: str = "MatMul") -> set[str]:
+    """Nodes of `op_type` whose second input is an initializer (what weight-only quantization can take)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return {node.name for node in model.graph.node
+            if node.op_type == op_type and len(node.input) > 1 and node.input[1] in initializers}
+
+
+# -- mixing two versions of a graph ----------------------------------------------------------------
+
+
+def _origin(name: str) -> str:
+    """The fp32 node a quantized node came from: MatMulNBitsQuantizer appends `_Q<bits>`, QDQ keeps names."""
+    return re.sub(r"_Q\d+$", "", name)
+
+
+class Mixer:
+    """A graph made of `base` with chosen nodes (by fp32 name) taken from `alternative` instead.
+
+    Every node of the alternative graph brings the initializers it reads (replacing same-named ones of
+    the base: weight-only quantizers name scales after the weight whatever the bit width); its other
+    inputs are activations both graphs compute under the same names. Nodes and initializers nothing
+    reads any more (Q/DQ pairs, the base's quantized weights) are dropped. So one calibration and one
+    quantization serve every trial of a sensitivity pass, and the base graph is otherwise untouched:
+    with fp32 as the alternative this restores nodes of a Q/DQ graph to float, with an 8-bit
+    MatMulNBits graph it gives chosen MatMuls of a 4-bit graph 8 bits.
+    """
+
+    def __init__(self, base, alternative):
+        self.base = base
+        self.nodes = {_origin(node.name): node for node in alternative.graph.node if node.name}
+        self.initializers = {init.name: init for init in alternative.graph.initializer}
+
+    def build(self, chosen: set[str]):
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.base)
+        graph = model.graph
+        taken: dict[str, object] = {}
+        for node in graph.node:
+            origin = _origin(node.name)
+            if origin in chosen:
+                if origin not in self.nodes:
+                    raise QuantizeError(f"node {origin} is not in the alternative graph")
+                node.CopyFrom(self.nodes[origin])
+                taken.update({name: self.initializers[name] for name in node.input if name in self.initializers})
+        if taken:
+            kept = [init for init in graph.initializer if init.name not in taken]
+            del graph.initializer[:]
+            graph.initializer.extend(kept + list(taken.values()))
+        _prune(graph)
+        return model
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nothing reads (transitively) and initializers nothing reads."""
+    wanted = {output.name for output in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(out in wanted for out in node.output):
+            keep.append(node)
+            wanted.update(name for name in node.input if name)
+    keep.reverse()
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {name for node in graph.node for name in node.input}
+    initializers = [init for init in graph.initializer if init.name in used]
+    if len(initializers) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluator:
+    """Output cosine of a candidate graph against fp32 on fixed feeds (the first output, flattened)."""
+
+    feeds: list[dict[str, np.ndarray]]
+    reference: list[np.ndarray] = field(default_factory=list)
+
+    def set_reference(self, model_or_path) -> None:
+        session = _session(model_or_path)
+        self.reference = [session.run(None, feed)[0] for feed in self.feeds]
+
+    def __call__(self, model) -> tuple[float, float]:
+        session = _session(model)
+        cosines, diffs = [], []
+        for feed, reference in zip(self.feeds, self.reference):
+            output = session.run(None, feed)[0]
+            cosines.append(cosine(output, reference))
+            diffs.append(float(np.abs(output - reference).max()))
+        return min(cosines), max(diffs)
+
+
+def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluator, target: float, label: str,
+                  upgrade: str, progress: Callable[[str], None]):
+    """The sensitivity pass: measure the base graph, then each group upgraded on its own (what it gains
+    is what its quantization costs), then upgrade the costliest groups one at a time until the output
+    cosine meets `target`. Returns the chosen graph and the record of every measurement."""
+    base_cosine, base_diff = evaluate(mixer.base)
+    progress(f"{label}: everything quantized: cosine {base_cosine:.5f} (max abs diff {base_diff:.4g}, "
+             f"target {target})")
+    measured = []
+    for index, (group, names) in enumerate(groups.items(), start=1):
+        group_cosine, _ = evaluate(mixer.build(set(names)))
+        measured.append({"group": group, "nodes": names, f"cosine_with_group_{upgrade}": round(group_cosine, 6),
+                         "cost": round(group_cosine - base_cosine, 6)})
+        progress(f"  {label} sensitivity {index}/{len(groups)}: {group} {upgrade} -> cosine {group_cosine:.5f}")
+    ranking = sorted(measured, key=lambda entry: -entry["cost"])
+    chosen: list[str] = []
+    steps = []
+    current, current_diff, model = base_cosine, base_diff, mixer.base
+    for entry in ranking:
+        if current >= target:
+            break
+        chosen.append(entry["group"])
+        model = mixer.build({name for group in chosen for name in groups[group]})
+        current, current_diff = evaluate(model)
+        steps.append({"groups": len(chosen), "added": entry["group"], "cosine": round(current, 6)})
+        progress(f"  {label}: {entry['group']} {upgrade} -> cosine {current:.5f}")
+    record = {
+        "metric": f"min cosine of the first output against fp32 over {len(evaluate.feeds)} inputs",
+        "target_cosine": target,
+        "all_quantized": {"cosine": round(base_cosine, 6), "max_abs_diff": round(base_diff, 6)},
+        "sensitivity": ranking,
+        "steps": steps,
+        "final": {"cosine": round(current, 6), "max_abs_diff": round(current_diff, 6)},
+    }
+    return model, chosen, record
+
+
+# -- static INT8 -----------------------------------------------------------------------------------
+
+
+def typed_graph(fp32_path: Path, workdir: Path) -> Path:
+    """The graph with a type for every tensor, for quantize_static.
+
+    onnx's shape inference stops at onnxruntime's contrib ops (the decoder's SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization, GroupQueryAttention), and the quantizer skips any activation whose
+    type it does not know: it would quantize the decoder's weights only. onnxruntime's symbolic shape
+    inference knows those ops; it runs on a skeleton whose large weights are graph inputs (so nothing
+    is read), and the types found are added to the graph (weights left where they are: a large graph's
+    external data is linked, not copied)."""
+    import onnx
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    graph = model.graph
+    known = {vi.name for vi in graph.value_info} | {i.name for i in graph.input} | {o.name for o in graph.output} | \
+        {init.name for init in graph.initializer}
+    untyped = {name for node in graph.node for name in node.output if name and name not in known}
+    if not untyped:
+        return fp32_path
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    external = [init for init in skeleton.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    for init in external:
+        skeleton.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    kept = [init for init in skeleton.graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True, guess_output_rank=True)
+    graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in untyped)
+    path = workdir / f"typed-{fp32_path.name}"
+    data = fp32_path.with_name(fp32_path.name + ".data")
+    if data.exists():  # the initializers still point at `<name>.data` beside the graph
+        path = workdir / fp32_path.name
+        (workdir / data.name).symlink_to(data.resolve())
+    onnx.save_model(model, str(path))
+    return path
+
+
+
+def static_int8(fp32_path: Path, out_path: Path, component: str, calibration_feeds: list[dict],
+                eval_feeds: list[dict], method: str, target: float, workdir: Path,
+                progress: Callable[[str], None]) -> dict:
+    """Calibrate, quantize (QDQ), measure every layer group's cost, keep the costliest groups float until
+    the target cosine is met; write the graph to `out_path`. Returns the record for the manifest."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .calibration import FeedReader
+
+    started = time.perf_counter()
+    large = fp32_path.with_name(fp32_path.name + ".data").exists()
+    fp32 = onnx.load(str(fp32_path))
+    groups = node_groups(fp32, component)
+    if not groups:
+        raise QuantizeError(f"{fp32_path.name}: no MatMul/Gemm nodes to quantize")
+    quantizable = [name for names in groups.values() for name in names]
+    progress(f"{component}: calibrating {len(quantizable)} MatMul/Gemm nodes in {len(groups)} groups on "
+             f"{len(calibration_feeds)} inputs ({method})")
+    qdq_path = workdir / f"{component}.qdq.onnx"
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    typed = typed_graph(fp32_path, workdir)
+    with _quiet_quantizers():
+        quantize_static(
+            str(typed), str(qdq_path), FeedReader(calibration_feeds, component, progress),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=quantizable,
+            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            use_external_data_format=large, calibrate_method=methods[method],
+            extra_options={
+                "ActivationSymmetric": True,  # zero point 0: TensorRT's explicit quantization needs it
+                "WeightSymmetric": True,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # [K, N] weights: one scale per output column
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+            },
+        )
+    calibrated_s = time.perf_counter() - started
+    progress(f"{component}: measuring against fp32 on {len(eval_feeds)} calibration inputs")
+    evaluate = Evaluator(eval_feeds)
+    evaluate.set_reference(fp32_path)
+    mixer = Mixer(onnx.load(str(qdq_path)), fp32)
+    del fp32
+    model, float_groups, record = select_groups(mixer, groups, evaluate, target, component, "float", progress)
+    save_graph(model, out_path)
+    float_nodes = [name for group in float_groups for name in groups[group]]
+    progress(f"{component}: int8 with {len(float_groups)} of {len(groups)} groups float, cosine "
+             f"{record['final']['cosine']:.5f} [{time.perf_counter() - started:.1f} s]")
+    return {
+        "scheme": "static int8, QDQ: weights int8 symmetric per output channel, activations int8 symmetric "
+                  "per tensor (zero point 0), Q/DQ on MatMul/Gemm inputs",
+        "onnxruntime": onnxruntime.__version__,
+        "calibration_method": method,
+        "calibration_inputs": len(calibration_feeds),
+        **record,
+        "float_groups": float_groups,
+        "float_nodes": float_nodes,
+        "quantized_nodes": len(quantizable) - len(float_nodes),
+        "float_by_design": FLOAT_BY_DESIGN[component],
+        "seconds": round(time.perf_counter() - started, 1),
+        "calibration_seconds": round(calibrated_s, 1),
+    }
+
+
+# -- weight-only -----------------------------------------------------------------------------------
+
+
+def _nbits(fp32_path: Path, bits: int, block_size: int, accuracy_level: int):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=bits, block_size=block_size,
+                                     is_symmetric=True, accuracy_level=accuracy_level,
+                                     op_types_to_quantize=("MatMul",))
+    with _quiet_quantizers():
+        quantizer.process()
+    return quantizer.model.model
+
+
+def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, accuracy_level: int,
+                eval_feeds: list[dict], target: float, progress: Callable[[str], None]) -> dict:
+    """Every MatMul with a constant weight (the lm_head included) -> MatMulNBits with `bits` per weight;
+    the layer groups whose quantization costs most get 8 bits (or stay float, for 8-bit) until the
+    output cosine meets `target` on `eval_feeds`."""
+    import onnx
+    import onnxruntime
+
+    started = time.perf_counter()
+    fp32 = onnx.load(str(fp32_path))
+    weighted = constant_weight_nodes(fp32)
+    groups = {group: [n for n in names if n in weighted]
+              for group, names in node_groups(fp32, "decoder", ("MatMul",)).items()}
+    groups = {group: names for group, names in groups.items() if names}
+    if not groups:
+        raise QuantizeError(f"{fp32_path.name}: no MatMul with a constant weight to quantize")
+    lm_head = set(groups.get("decoder.lm_head", []))
+    progress(f"decoder: weight-only {bits}-bit quantization of {len(weighted)} MatMul weights (block {block_size}, "
+             f"accuracy level {accuracy_level})")
+    base = _nbits(fp32_path, bits, block_size, accuracy_level)
+    upgrade = "8-bit" if bits < 8 else "float"
+    alternative = _nbits(fp32_path, 8, block_size, accuracy_level) if bits < 8 else fp32
+    progress(f"decoder: measuring against fp32 on {len(eval_feeds)} inputs")
+    evaluate = Evaluator(eval_feeds)
+    evaluate.set_reference(fp32_path)
+    del fp32
+    model, upgraded, record = select_groups(Mixer(base, alternative), groups, evaluate, target, "decoder", upgrade,
+                                            progress)
+    save_graph(model, out_path)
+    upgraded_nodes = [name for group in upgraded for name in groups[group]]
+    counts = {f"{b}-bit": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and
+                              any(a.name == "bits" and a.i == b for a in n.attribute)) for b in (4, 8)}
+    progress(f"decoder: {counts[f'{bits}-bit']} MatMuls {bits}-bit, {len(upgraded_nodes)} {upgrade} "
+             f"({len(upgraded)} of {len(groups)} groups), cosine {record['final']['cosine']:.5f} "
+             f"[{time.perf_counter() - started:.1f} s]")
+    return {
+        "scheme": f"weight-only {bits}-bit MatMulNBits (com.microsoft), symmetric, block {block_size}, "
+                  f"accuracy_level {accuracy_level}",
+        "onnxruntime": onnxruntime.__version__,
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        **record,
+        "upgrade": upgrade,
+        "upgraded_groups": upgraded,
+        "upgraded_nodes": upgraded_nodes,
+        "matmulnbits_nodes": counts,
+        "float_nodes": upgraded_nodes if upgrade == "float" else [],
+        "lm_head_quantized": bool(lm_head) and not lm_head & set(upgraded_nodes if upgrade == "float" else []),
+        "float_by_design": WEIGHT_ONLY_FLOAT,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# -- the bundle ------------------------------------------------------------------------------------
+
+
+def _copy_graph(source: Path, target: Path, graph: GraphFile) -> None:
+    for name in (graph.path, graph.data_path):
+        if name:
+            shutil.copyfile(source / name, target / name)
+
+
+def quantize_bundle(fp32_dir: str | Path, out_dir: str | Path, options: QuantizeOptions,
+                    progress: Callable[[str], None]) -> Manifest:
+    """Write a quantized bundle next to an fp32 one, with its quantization record and report."""
+    from dataclasses import replace
+
+    from gemvg.runtime.engine import Engine
+
+    from .calibration import PipelineFeeds, generated_samples, read_calibration, split_samples
+    from .report import build_report, write_report
+
+    check_options(options)
+    fp32_dir, out = Path(fp32_dir), Path(out_dir)
+    source = load_manifest(fp32_dir)
+    if source.precision != "fp32":
+        raise QuantizeError(f"{fp32_dir} is a {source.precision} bundle; quantize from an fp32 bundle")
+    if out.resolve() == fp32_dir.resolve():
+        raise QuantizeError("the quantized bundle must go to another folder than the fp32 bundle")
+    out.mkdir(parents=True, exist_ok=True)
+
+    calibration, held_back, calibration_record = [], [], {}
+    if options.calibration:
+        samples = read_calibration(options.calibration)
+        calibration, held_back = split_samples(samples, options.calibration_samples)
+        calibration_record = {"file": str(Path(options.calibration).resolve()), "method": options.calibration_method,
+                              "requests": [s.origin for s in calibration],
+                              "held_back": [s.origin for s in held_back]}
+        progress(f"calibration: {len(calibration)} requests, {len(held_back)} held back for the report")
+    if not held_back:
+        held_back = generated_samples(options.report_samples)
+        calibration_record["report_requests"] = "generated (the calibration file has no held-back requests)"
+
+    engine = Engine.load(fp32_dir, verify=False)
+    pipeline = PipelineFeeds(engine, progress)
+    # Measured on calibration requests; without any (int4/int8w alone), on generated ones that differ
+    # from the report's.
+    sensitivity = calibration[:options.sensitivity_samples] or generated_samples(options.sensitivity_samples, seed=2000)
+    records: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="gemvg-quant-") as temp:
+        workdir = Path(temp)
+        if options.vision == "int8":
+            records["vision"] = static_int8(
+                fp32_dir / source.vision_graph.path, out / source.vision_graph.path, "vision",
+                pipeline.vision(calibration), pipeline.vision(sensitivity), options.calibration_method,
+                options.target("vision"), workdir, progress)
+        else:
+            _copy_graph(fp32_dir, out, source.vision_graph)
+            records["vision"] = {"scheme": "fp32"}
+        if options.precision == "int8":
+            records["decoder"] = static_int8(
+                fp32_dir / source.decoder_graph.path, out / source.decoder_graph.path, "decoder",
+                pipeline.decoder(calibration), pipeline.decoder(sensitivity), options.calibration_method,
+                options.target("decoder"), workdir, progress)
+        else:
+            records["decoder"] = weight_only(fp32_dir / source.decoder_graph.path, out / source.decoder_graph.path,
+                                             WEIGHT_ONLY_BITS[options.precision], options.block_size,
+                                             options.accuracy_level, pipeline.decoder(sensitivity),
+                                             options.target("decoder"), progress)
+    del pipeline, engine
+    _copy_graph(fp32_dir, out, source.embed_graph)
+    shutil.copyfile(fp32_dir / source.tokenizer.path, out / source.tokenizer.path)
+
+    def regraph(graph: GraphFile, precision: str) -> GraphFile:
+        return graph_file(out, graph.path, graph.inputs, graph.outputs, precision)
+
+    quantization = {"precision": options.precision, "vision_precision": options.vision,
+                    "embed_precision": "fp32", "calibration": calibration_record, **records}
+    manifest = replace(
+        source, precision=options.precision,
+        vision_graph=regraph(source.vision_graph, options.vision),
+        embed_graph=regraph(source.embed_graph, "fp32"),
+        decoder_graph=regraph(source.decoder_graph, options.precision),
+        tokenizer=graph_file(out, source.tokenizer.path),
+        source={**source.source, "quantized_from": str(fp32_dir.resolve())},
+        extra={**source.extra, "quantization": quantization},
+    )
+    manifest.write(out)
+
+    progress(f"report: comparing against fp32 on {len(held_back)} held-back requests")
+    report = build_report(fp32_dir, out, held_back, options.report_tokens, progress)
+    entry = write_report(out, report)
+    manifest = replace(manifest, extra={**manifest.extra, "quantization": {**quantization, "report": entry}})
+    manifest.write(out)
+    return manifest
