@@ -169,6 +169,31 @@ def providers_for(device: str) -> list[str]:
     return [p for p in wanted if p in available]
 
 
+TENSORRT_CACHE_DIR = "trt_cache"
+
+
+def tensorrt_options(bundle: Path, manifest: Manifest, graph: str) -> dict[str, str]:
+    """TensorRT EP options for one of the bundle's graphs: engines and timing cache kept in the bundle's
+    trt_cache/, INT8 enabled for Q/DQ graphs, and the optimization profile that
+    `gemvg-export --target tensorrt` recorded from the manifest's limits, when there is one."""
+    cache = str(bundle / TENSORRT_CACHE_DIR)
+    options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+               "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+    if getattr(manifest, f"{graph}_graph").precision == "int8":
+        options["trt_int8_enable"] = "True"
+    profile = manifest.extra.get("tensorrt", {}).get("ort_profiles", {}).get(graph)
+    if profile:
+        for which in ("min", "opt", "max"):
+            options[f"trt_profile_{which}_shapes"] = profile[which]
+    return options
+
+
+def session_providers(providers: list[str], bundle: Path, manifest: Manifest, graph: str) -> list:
+    """`providers` with the TensorRT EP's options attached for `graph`."""
+    return [(p, tensorrt_options(bundle, manifest, graph)) if p == "TensorrtExecutionProvider" else p
+            for p in providers]
+
+
 class Engine:
     def __init__(self, bundle_dir: Path, manifest: Manifest, sessions: dict[str, ort.InferenceSession],
                  tokenizer: Tokenizer, load_ms: float):
@@ -209,8 +234,11 @@ class Engine:
         manifest = load_manifest(bundle, verify=verify)
         providers = providers_for(device)
         options = _session_options(threads)
+        if "TensorrtExecutionProvider" in providers:
+            (bundle / TENSORRT_CACHE_DIR).mkdir(exist_ok=True)
         sessions = {
-            name: ort.InferenceSession(str(bundle / graph.path), options, providers=providers)
+            name: ort.InferenceSession(str(bundle / graph.path), options,
+                                       providers=session_providers(providers, bundle, manifest, name))
             for name, graph in (("vision", manifest.vision_graph), ("embed", manifest.embed_graph),
                                 ("decoder", manifest.decoder_graph))
         }
