@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from gemvg.runtime.errors import GemvgError
 
@@ -12,21 +14,57 @@ from .exporter import ExportOptions, export_bundle
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemvg-export", description=__doc__)
-    parser.add_argument("--model", required=True, help="checkpoint folder in HF layout (config.json, safetensors, ...)")
+    parser.add_argument("--model", help="checkpoint folder in HF layout (config.json, safetensors, ...); "
+                        "required unless --fp32-bundle is given")
     parser.add_argument("--out", required=True, help="bundle folder to write")
-    parser.add_argument("--precision", default="fp32", choices=["fp32"], help="weights and compute precision")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4", "int8w"],
+                        help="fp32; int8: static INT8 (Q/DQ) vision and decoder, calibrated; int4 / int8w: "
+                             "weight-only 4/8-bit decoder MatMuls (MatMulNBits)")
     parser.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens limit")
     parser.add_argument("--max-images", type=int, default=16, help="images per request limit")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--calibration", metavar="CALIB.jsonl",
+                       help='calibration requests, one {"images": [...], "query": "..."} per line (relative '
+                            "paths from the file's folder); the last fifth is held back for the report")
+    quant.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    quant.add_argument("--calibration-samples", type=int, default=None, metavar="N",
+                       help="use at most N calibration requests")
+    quant.add_argument("--vision-precision", choices=["fp32", "int8"], default=None,
+                       help="vision encoder precision (default: int8 with --precision int8, else fp32; int8 needs "
+                            "--calibration)")
+    quant.add_argument("--block-size", type=int, default=32, help="int4/int8w: weights per quantization block")
+    quant.add_argument("--accuracy-level", type=int, default=4,
+                       help="int4/int8w: MatMulNBits accuracy_level (4 = int8 compute on CPU)")
+    quant.add_argument("--target-cosine", type=float, default=None,
+                       help="min output cosine vs fp32 per component on calibration requests (default 0.99; "
+                            "0.97 for an int4 decoder): the layer groups whose quantization costs most stay "
+                            "float (int8) or get 8 bits (int4) until it is met")
+    quant.add_argument("--fp32-bundle", metavar="DIR",
+                       help="quantize this fp32 bundle instead of exporting --model (its limits are kept)")
+    parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                        help="tensorrt: also build TensorRT engines (needs the tensorrt package and a GPU)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model and not args.fp32_bundle:
+        parser.error("--model is required (or --fp32-bundle with a quantized --precision)")
     options = ExportOptions(precision=args.precision, max_context=args.max_context, max_images=args.max_images,
-                            verify=not args.no_verify)
+                            verify=not args.no_verify, vision_precision=args.vision_precision,
+                            calibration=args.calibration, calibration_method=args.calibration_method,
+                            calibration_samples=args.calibration_samples, block_size=args.block_size,
+                            accuracy_level=args.accuracy_level, target_cosine=args.target_cosine,
+                            fp32_bundle=args.fp32_bundle, target=args.target)
     try:
-        export_bundle(args.model, args.out, options)
+        manifest = export_bundle(args.model, args.out, options)
+        report = manifest.extra.get("quantization", {}).get("report")
+        if report:
+            from .report import format_report
+
+            print(format_report(json.loads((Path(args.out) / report["path"]).read_text())))
     except GemvgError as err:
         print(f"gemvg-export: error: {err}", file=sys.stderr)
         return 2

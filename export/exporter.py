@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ FAMILY_CLASSES = {
 }
 VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_ids")
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb error threshold
+TARGETS = ("onnxruntime", "tensorrt")
 LOGITS_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max abs difference of last-position logits
 
 
@@ -39,12 +41,30 @@ class ExportError(GemvgError):
 
 @dataclass
 class ExportOptions:
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | int8 (static, calibrated) | int4 | int8w (weight-only decoder)
     max_context: int | None = None  # default: the model's max_position_embeddings
     max_images: int = 16
     max_patches_per_image: int | None = None  # default: from max_pixels
     opset: int = 18
     verify: bool = True
+    # Quantization (gemvg.export.quantize) and targets; the defaults leave an fp32 export as it was.
+    vision_precision: str | None = None  # fp32 | int8; default int8 for int8, fp32 for int4/int8w
+    calibration: str | Path | None = None  # CALIB.jsonl
+    calibration_method: str = "minmax"
+    calibration_samples: int | None = None
+    block_size: int = 32
+    accuracy_level: int = 4
+    target_cosine: float | None = None  # default by precision (gemvg.export.quantize.DEFAULT_TARGETS)
+    fp32_bundle: str | Path | None = None  # quantize this fp32 bundle instead of exporting the checkpoint
+    target: str = "onnxruntime"  # onnxruntime | tensorrt (also builds TensorRT engines)
+
+    def quantize_options(self):
+        from .quantize import QuantizeOptions
+
+        return QuantizeOptions(precision=self.precision, vision_precision=self.vision_precision,
+                               calibration=self.calibration, calibration_method=self.calibration_method,
+                               calibration_samples=self.calibration_samples, block_size=self.block_size,
+                               accuracy_level=self.accuracy_level, target_cosine=self.target_cosine)
 
 
 def log(message: str) -> None:
@@ -245,11 +265,20 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
                   progress: Callable[[str], None] = log) -> Manifest:
     """Export a checkpoint to a bundle folder and (by default) verify it against PyTorch."""
     options = options or ExportOptions()
+    if options.target not in TARGETS:
+        raise ExportError(f"unknown target {options.target!r}; expected {', '.join(TARGETS)}")
+    if options.target == "tensorrt":  # fail before any export work
+        from .tensorrt import check_target, require_tensorrt
+
+        check_target(options.precision)
+        require_tensorrt()
+    if options.precision != "fp32":
+        return _export_quantized(model_dir, Path(out_dir), options, progress)
+    if options.fp32_bundle:
+        raise ExportError("an fp32 bundle to quantize was given, but the precision is fp32")
     model_dir, out = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise ExportError(f"checkpoint not found: {model_dir} is not a folder")
-    if options.precision != "fp32":
-        raise ExportError(f"precision {options.precision!r} is not supported by this exporter; use fp32")
     family = detect_family(model_dir)
     for needed in ("tokenizer.json", "preprocessor_config.json"):
         if not (model_dir / needed).is_file():
@@ -290,7 +319,39 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         if report.max_abs_logit_diff > LOGITS_TOLERANCE:
             raise ExportError(f"bundle does not match PyTorch: max abs logit difference "
                               f"{report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
+    if options.target == "tensorrt":
+        from .tensorrt import build_engines
+
+        manifest = build_engines(out, manifest, progress)
     progress(f"bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    return manifest
+
+
+def _export_quantized(model_dir, out: Path, options: ExportOptions, progress: Callable[[str], None]) -> Manifest:
+    """Quantize an fp32 bundle: the given one, or one exported (and verified) from the checkpoint into a
+    temporary folder beside `out`, removed afterwards."""
+    from dataclasses import replace
+
+    from .quantize import check_options, quantize_bundle
+
+    quantize = options.quantize_options()
+    check_options(quantize)
+    if options.fp32_bundle:
+        manifest = quantize_bundle(options.fp32_bundle, out, quantize, progress)
+    else:
+        if model_dir is None or not Path(model_dir).is_dir():
+            raise ExportError(f"checkpoint not found: {model_dir} is not a folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}-fp32-", dir=out.parent) as temp:
+            fp32 = replace(options, precision="fp32", target="onnxruntime", fp32_bundle=None)
+            export_bundle(model_dir, temp, fp32, progress)
+            manifest = quantize_bundle(temp, out, quantize, progress)
+    if options.target == "tensorrt":
+        from .tensorrt import build_engines
+
+        manifest = build_engines(out, manifest, progress)
+    progress(f"{options.precision} bundle written to {out} "
+             f"({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.1f} MB)")
     return manifest
 
 
