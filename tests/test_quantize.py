@@ -209,17 +209,21 @@ def test_sensitivity_pass_keeps_the_costliest_groups_float(linear_heavy, calib_f
     pipeline = PipelineFeeds(fp32)
     samples = read_calibration(calib_file)[:2]
     path = linear_heavy["fp32"] / "vision.onnx"
-    record = static_int8(path, tmp_path / "vision.onnx", "vision", pipeline.vision(samples),
-                         pipeline.vision(samples), "minmax", 0.99999, tmp_path, quiet)
+    work = tmp_path / "work"
+    work.mkdir()
+    record = static_int8(path, tmp_path / "vision-int8.onnx", "vision", pipeline.vision(samples),
+                         pipeline.vision(samples), "minmax", 0.99999, work, quiet)
     ranking = [entry["group"] for entry in record["sensitivity"]]
     assert record["float_groups"] == ranking[:len(record["float_groups"])]  # costliest first
     assert record["float_groups"] and record["all_quantized"]["cosine"] < 0.99999 <= record["final"]["cosine"]
     steps = [step["cosine"] for step in record["steps"]]
     assert steps[-1] == record["final"]["cosine"] and len(steps) == len(record["float_groups"])
 
-    # Restoring every group to float gives back the fp32 graph's outputs.
-    model = onnx.load(str(path))
-    qdq = onnx.load(str(tmp_path / "vision.qdq.onnx"))
+    # The vision MLP's gate and up projections were merged into one GEMM (same numbers).
+    assert record["merged_siblings"] and all(len(nodes) == 2 for nodes in record["merged_siblings"].values())
+    # Restoring every group of the Q/DQ graph to float gives back the fp32 graph's outputs.
+    model = onnx.load(str(work / "vision.onnx"))  # the fp32 graph as prepared for quantization
+    qdq = onnx.load(str(work / "vision.qdq.onnx"))
     mixer = Mixer(qdq, model)
     restored = mixer.build({n for names in node_groups(model, "vision").values() for n in names})
     assert not [n for n in restored.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
