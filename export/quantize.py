@@ -9,11 +9,14 @@ Precisions (the bundle format is the same for all; only the graphs' contents dif
   from calibration requests run through the runtime's own preprocessing (gemvg.export.calibration).
   Which layer groups stay float is decided by measurement: every group is restored to float on its
   own to measure what its quantization costs in output cosine against fp32, then the costliest
-  groups are restored one by one until the target cosine is met on the calibration samples.
+  groups are restored one by one until the target cosine is met on the calibration samples. Before
+  quantization, contrib-op tensors get types (or their activations would stay float) and sibling
+  linears reading one activation are merged (onnxruntime's CPU kernels are 10x slower otherwise).
 * ``int4`` / ``int8w``: weight-only block quantization of every decoder MatMul with a constant weight
   (the lm_head included) to com.microsoft MatMulNBits (MatMulNBitsQuantizer, 4 or 8 bits, symmetric,
   block size and accuracy level configurable); the vision encoder stays fp32 or gets static INT8. The
-  same measured pass decides which layer groups get 8 bits instead of 4 (int4) or stay float (int8w).
+  same measured pass decides which layer groups get 8 bits instead of 4 (int4) or stay float (int8w),
+  ranked by gain per weight and within a budget of a quarter of the weights.
 
 The token embedding (a Gather) stays fp32 in every precision.
 """
@@ -40,6 +43,9 @@ WEIGHT_ONLY_BITS = {"int4": 4, "int8w": 8}
 # Output cosine against fp32 that the sensitivity pass must meet on its samples, by precision: 4-bit
 # weights cost more, and a higher bar would give too many groups 8 bits.
 DEFAULT_TARGETS = {"int8": 0.99, "int8w": 0.99, "int4": 0.97}
+# Weight-only: at most this fraction of the decoder's weights gets the upgrade (8 bits for int4), so an
+# int4 bundle stays mostly 4-bit when the target is out of reach.
+UPGRADE_BUDGET = 0.25
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("MatMul", "Gemm")  # Q/DQ on the inputs of these; their outputs stay float
 LARGE_GRAPH_BYTES = int(1.8e9)  # protobuf's 2 GB limit, with room: larger graphs use external data
@@ -342,39 +348,63 @@ class Evaluator:
 
 
 def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluator, target: float, label: str,
-                  upgrade: str, progress: Callable[[str], None]):
+                  upgrade: str, progress: Callable[[str], None], sizes: dict[str, int] | None = None,
+                  budget: float | None = None):
     """The sensitivity pass: measure the base graph, then each group upgraded on its own (what it gains
     is what its quantization costs), then upgrade the costliest groups one at a time until the output
-    cosine meets `target`. Returns the chosen graph and the record of every measurement."""
+    cosine meets `target`, measuring after each.
+
+    With `sizes` (weights per group) and `budget` (a fraction of all of them), groups are ranked by gain
+    per weight and the upgraded ones may hold at most that fraction: a 4-bit bundle stays mostly 4-bit
+    even when the target is out of reach (the record then says so). Returns the chosen graph, the chosen
+    groups and the record of every measurement."""
     base_cosine, base_diff = evaluate(mixer.base)
     progress(f"{label}: everything quantized: cosine {base_cosine:.5f} (max abs diff {base_diff:.4g}, "
              f"target {target})")
     measured = []
     for index, (group, names) in enumerate(groups.items(), start=1):
         group_cosine, _ = evaluate(mixer.build(set(names)))
-        measured.append({"group": group, "nodes": names, f"cosine_with_group_{upgrade}": round(group_cosine, 6),
-                         "cost": round(group_cosine - base_cosine, 6)})
+        entry = {"group": group, "nodes": names, f"cosine_with_group_{upgrade}": round(group_cosine, 6),
+                 "cost": round(group_cosine - base_cosine, 6)}
+        if sizes:
+            entry["weights"] = sizes[group]
+        measured.append(entry)
         progress(f"  {label} sensitivity {index}/{len(groups)}: {group} {upgrade} -> cosine {group_cosine:.5f}")
-    ranking = sorted(measured, key=lambda entry: -entry["cost"])
+    if sizes:
+        ranking = sorted(measured, key=lambda entry: -entry["cost"] / max(1, entry["weights"]))
+        allowance = budget * sum(sizes.values()) if budget is not None else float("inf")
+    else:
+        ranking = sorted(measured, key=lambda entry: -entry["cost"])
+        allowance = float("inf")
     chosen: list[str] = []
     steps = []
+    used = 0
     current, current_diff, model = base_cosine, base_diff, mixer.base
     for entry in ranking:
         if current >= target:
             break
+        if entry["cost"] <= 0 or used + entry.get("weights", 0) > allowance:
+            continue
         chosen.append(entry["group"])
+        used += entry.get("weights", 0)
         model = mixer.build({name for group in chosen for name in groups[group]})
         current, current_diff = evaluate(model)
         steps.append({"groups": len(chosen), "added": entry["group"], "cosine": round(current, 6)})
         progress(f"  {label}: {entry['group']} {upgrade} -> cosine {current:.5f}")
+    if current < target:
+        progress(f"{label}: the target cosine {target} is not met ({current:.5f})"
+                 + (f" within the budget of {budget:.0%} of the weights {upgrade}" if budget is not None else ""))
     record = {
         "metric": f"min cosine of the first output against fp32 over {len(evaluate.feeds)} inputs",
         "target_cosine": target,
+        "target_met": current >= target,
         "all_quantized": {"cosine": round(base_cosine, 6), "max_abs_diff": round(base_diff, 6)},
         "sensitivity": ranking,
         "steps": steps,
         "final": {"cosine": round(current, 6), "max_abs_diff": round(current_diff, 6)},
     }
+    if budget is not None:
+        record["budget"] = {"fraction_of_weights": budget, "used": round(used / max(1, sum(sizes.values())), 4)}
     return model, chosen, record
 
 
@@ -584,34 +614,41 @@ def _nbits(fp32_path: Path, bits: int, block_size: int, accuracy_level: int):
     return quantizer.model.model
 
 
+def _weight_count(model, node_name: str) -> int:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    return int(np.prod(init.dims))
+
+
 def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, accuracy_level: int,
                 eval_feeds: list[dict], target: float, progress: Callable[[str], None]) -> dict:
     """Every MatMul with a constant weight (the lm_head included) -> MatMulNBits with `bits` per weight;
-    the layer groups whose quantization costs most get 8 bits (or stay float, for 8-bit) until the
-    output cosine meets `target` on `eval_feeds`."""
+    the layer groups whose quantization costs most per weight get 8 bits (or stay float, for 8-bit)
+    until the output cosine meets `target` on `eval_feeds`, within UPGRADE_BUDGET of the weights."""
     import onnx
     import onnxruntime
 
     started = time.perf_counter()
-    fp32 = onnx.load(str(fp32_path))
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)  # the structure; weights are read below
     weighted = constant_weight_nodes(fp32)
     groups = {group: [n for n in names if n in weighted]
               for group, names in node_groups(fp32, "decoder", ("MatMul",)).items()}
     groups = {group: names for group, names in groups.items() if names}
     if not groups:
         raise QuantizeError(f"{fp32_path.name}: no MatMul with a constant weight to quantize")
+    sizes = {group: sum(_weight_count(fp32, name) for name in names) for group, names in groups.items()}
     lm_head = set(groups.get("decoder.lm_head", []))
     progress(f"decoder: weight-only {bits}-bit quantization of {len(weighted)} MatMul weights (block {block_size}, "
              f"accuracy level {accuracy_level})")
     base = _nbits(fp32_path, bits, block_size, accuracy_level)
     upgrade = "8-bit" if bits < 8 else "float"
-    alternative = _nbits(fp32_path, 8, block_size, accuracy_level) if bits < 8 else fp32
+    alternative = _nbits(fp32_path, 8, block_size, accuracy_level) if bits < 8 else onnx.load(str(fp32_path))
+    del fp32
     progress(f"decoder: measuring against fp32 on {len(eval_feeds)} inputs")
     evaluate = Evaluator(eval_feeds)
     evaluate.set_reference(fp32_path)
-    del fp32
     model, upgraded, record = select_groups(Mixer(base, alternative), groups, evaluate, target, "decoder", upgrade,
-                                            progress)
+                                            progress, sizes, UPGRADE_BUDGET)
     save_graph(model, out_path)
     upgraded_nodes = [name for group in upgraded for name in groups[group]]
     counts = {f"{b}-bit": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and

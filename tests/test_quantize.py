@@ -198,7 +198,8 @@ def test_weight_only_uses_matmulnbits_with_the_lm_head(linear_heavy):
             assert counts == {4: 0, 8: len(nbits)}
         else:  # groups that needed it were measured and given 8 bits; the rest is 4-bit
             assert counts[8] == len(record["upgraded_nodes"]) and counts[4] == len(nbits) - counts[8] > counts[8]
-            assert record["final"]["cosine"] >= record["target_cosine"] == 0.97
+            assert record["final"]["cosine"] >= record["target_cosine"] == 0.97 and record["target_met"]
+            assert 0 < record["budget"]["used"] <= record["budget"]["fraction_of_weights"] == 0.25
 
 
 # -- the sensitivity machinery -------------------------------------------------------------------
@@ -366,3 +367,22 @@ def test_quantized_bundles_run_on_the_lean_runtime(linear_heavy, image_files):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(1 <= count <= 3 for count in json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_quant_speed_script_compares_side_by_side(linear_heavy, tmp_path, capsys):
+    from gemvg.benchmarks.quant_speed import main as quant_speed
+
+    out = tmp_path / "speed.json"
+    assert quant_speed(["--fp32", str(linear_heavy["fp32"]), "--quant", str(linear_heavy["int8"]), "--runs", "3",
+                        "--threads", "2", "--decode-tokens", "2", "--ops", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["precision"] == "int8" and figures["runs"] == 3
+    assert figures["logits_cosine"] >= 0.98
+    for name in ("fp32", "quant"):
+        assert figures[name]["vision_ms"] > 0 and figures[name]["prefill_ms"] > 0
+        assert figures[name]["decode_ms_per_token"] > 0
+    # onnxruntime turned the Q/DQ pairs into integer kernels, none left as DequantizeLinear + float MatMul.
+    ops = figures["optimized_ops"]
+    assert ops["decoder.onnx"].get("MatMulIntegerToFloat", 0) > 0 and "DequantizeLinear" not in ops["decoder.onnx"]
+    assert ops["vision.onnx"].get("QGemm", 0) > 0 and "Gemm" not in ops["vision.onnx"]
+    assert "speed-up" in capsys.readouterr().out
