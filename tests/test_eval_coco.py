@@ -11,7 +11,9 @@ import pytest
 from gemvg.benchmarks import eval_cli
 from gemvg.benchmarks.coco_ap import coco_box_ap, coco_from_dict, load_results, run_cocoeval
 
-REAL_GT = Path("/work/shared/data/mc-bench/MC-Bench_coco_format.json")
+from .paths import SHARED_DATA
+
+REAL_GT = SHARED_DATA / "mc-bench" / "MC-Bench_coco_format.json"
 
 
 def one_box_gt(annotation_id: int = 1) -> dict:

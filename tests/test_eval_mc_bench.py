@@ -19,7 +19,9 @@ from gemvg.benchmarks.mc_bench import (
 )
 from gemvg.runtime.grounding import Box, ImageGeometry, format_boxes
 
-DATA = Path("/work/shared/data/mc-bench")
+from .paths import SHARED_DATA
+
+DATA = SHARED_DATA / "mc-bench"
 GT_FILE = DATA / "MC-Bench_coco_format.json"
 PAIRS_FILE = DATA / "mc-bench_v0.2_val.json"
 

@@ -21,7 +21,9 @@ from gemvg.benchmarks.mig_bench import (
 )
 from gemvg.runtime.grounding import ORDINALS
 
-MIG_DATA = Path("/work/shared/data/mig-bench/MIG_data.json")
+from .paths import SHARED_DATA
+
+MIG_DATA = SHARED_DATA / "mig-bench" / "MIG_data.json"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from gemvg.train.loaders import (load_coco_detection, load_mc_bench, load_mgroun
 from gemvg.train.schema import DataError, Sample, read_jsonl, write_jsonl
 from gemvg.train.synth import MAX_SIDE, MIN_SIDE, TASKS, make_sample
 
-DATA = Path("/work/shared/data")
+from .paths import SHARED_DATA
+
+DATA = SHARED_DATA
 MIG_BENCH = DATA / "mig-bench" / "MIG_data.json"
 MC_BENCH = DATA / "mc-bench" / "MC-Bench_coco_format.json"
 MC_BENCH_META = DATA / "mc-bench" / "mc-bench_v0.2_val.json"
