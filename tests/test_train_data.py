@@ -258,7 +258,8 @@ def test_convert_cli_writes_jsonl_that_reads_back(tmp_path, capsys):
     assert main(["convert", "--format", "mig-bench", "--input", str(MIG_BENCH), "--out", str(out)]) == 0
     assert len(read_jsonl(out)) == 4295
     first = json.loads(out.read_text().splitlines()[0])
-    assert first["images"][0] == str(MIG_BENCH.parent / "MIG-Bench/images/common/Wild_Bird/objects365_v2_01803705.jpg")
+    expected = MIG_BENCH.parent / "MIG-Bench/images/common/Wild_Bird/objects365_v2_01803705.jpg"
+    assert Path(first["images"][0]) == expected.resolve()  # absolute, links resolved
     assert main(["convert", "--format", "coco", "--input", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"gemvg-train: error: data file not found: {tmp_path / 'nope.json'}"
 
