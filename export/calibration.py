@@ -3,7 +3,7 @@
 CALIB.jsonl holds one JSON object per line, `{"images": ["a.jpg", "b.jpg"], "query": "the red cup"}`
 (relative paths are resolved against the file's folder; other fields are ignored). Each request goes
 through exactly what `Engine.ground` does before the decoder: `Engine.prepare` (image loading,
-smart_resize, patchify, chat template, M-RoPE positions), `gemvg.runtime.vision.vision_feeds` for the
+smart_resize, patchify, chat template, M-RoPE positions), `Engine.vision_inputs` for the
 vision encoder, and `Engine.embed_prompt` (the fp32 vision features spliced into the token embeddings)
 and `Engine.decoder_feeds` for the decoder's prefill, with an empty cache. So the activation ranges
 are those the runtime produces.
@@ -22,7 +22,6 @@ from onnxruntime.quantization import CalibrationDataReader
 from gemvg.runtime.engine import Engine
 from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.preprocess import ImageInput, PreparedImage
-from gemvg.runtime.vision import vision_feeds
 
 
 class CalibrationError(GemvgError):
@@ -100,15 +99,6 @@ def generated_samples(count: int, seed: int = 1000) -> list[Sample]:
     return samples
 
 
-def vision_inputs(engine: Engine, image: PreparedImage) -> dict[str, np.ndarray]:
-    """The vision encoder's feed for one prepared image, as `Engine.encode_image` builds it."""
-    feeds = vision_feeds(image.pixel_values, image.grid_thw, engine.manifest.vision)
-    inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
-              "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
-    wanted = set(engine.manifest.vision_graph.inputs)
-    return {name: value for name, value in inputs.items() if name in wanted}
-
-
 def decoder_inputs(engine: Engine, sample: Sample) -> dict[str, np.ndarray]:
     """The decoder's prefill feed for a request, as `Engine.prefill` builds it for a fresh cache:
     `Engine.embed_prompt` over the engine's own vision features, the prompt's M-RoPE positions, and
@@ -136,7 +126,7 @@ class PipelineFeeds:
         for sample in samples:
             if sample.origin not in self._vision:
                 prepared = self.engine.prepare(list(sample.images), sample.query).images
-                self._vision[sample.origin] = [vision_inputs(self.engine, image) for image in prepared]
+                self._vision[sample.origin] = [self.engine.vision_inputs(image)[0] for image in prepared]
             feeds.extend(self._vision[sample.origin])
         return feeds
 

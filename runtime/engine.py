@@ -290,12 +290,18 @@ class Engine:
             features.append(cached)
         return features
 
-    def encode_image(self, image: PreparedImage) -> np.ndarray:
+    def vision_inputs(self, image: PreparedImage) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The vision encoder's feed for one image (the inputs its graph declares) and the order that
+        restores its merged features to raster order (None without window attention)."""
         feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
         inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
                   "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
-        (merged,) = self.vision.run(None, {k: v for k, v in inputs.items() if k in self._vision_inputs})
-        return merged if feeds.restore_order is None else merged[feeds.restore_order]
+        return {k: v for k, v in inputs.items() if k in self._vision_inputs}, feeds.restore_order
+
+    def encode_image(self, image: PreparedImage) -> np.ndarray:
+        inputs, restore_order = self.vision_inputs(image)
+        (merged,) = self.vision.run(None, inputs)
+        return merged if restore_order is None else merged[restore_order]
 
     def embed_prompt(self, prompt: Prompt, features: list[np.ndarray | None], start: int = 0) -> np.ndarray:
         """Embeddings of prompt tokens from `start` on, image tokens replaced by their features."""
