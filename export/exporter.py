@@ -29,7 +29,7 @@ FAMILY_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_ids")
+VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_bias", "window_scatter")
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb error threshold
 TARGETS = ("onnxruntime", "tensorrt")
 LOGITS_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max abs difference of last-position logits
@@ -218,6 +218,25 @@ def _needs_external_data(module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
 
 
+def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] | None = None,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The vision encoder's example feed and input names, built by the runtime's own `vision_feeds` on a
+    `grid` (rows, columns) of random patches. The default grid is 3 x 2 windows with partial ones at
+    the bottom and right (20x12 patches for Qwen2.5-VL's 8-patch windows: 240 patches, 6 windows of at
+    most 64): sizes that differ from each other and from 1, so the exporter keeps them dynamic."""
+    from gemvg.runtime.vision import vision_feeds
+
+    if grid is None:
+        side = vision.window_size // vision.patch_size if vision.window_size > 0 else 8
+        merge = vision.spatial_merge_size
+        grid = (2 * side + 2 * merge, side + 2 * merge)
+    rng = np.random.default_rng(seed)
+    pixel_values = rng.standard_normal((grid[0] * grid[1], patch_dim), dtype=np.float32)
+    feeds = vision_feeds(pixel_values, (1, *grid), vision)
+    example = {name: getattr(feeds, name) for name in VISION_INPUTS}
+    return example, [name for name in VISION_INPUTS if example[name] is not None]
+
+
 def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, out: Path, opset: int,
                   progress: Callable[[str], None]) -> dict[str, tuple[list[str], list[str]]]:
     import torch
@@ -234,13 +253,14 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
     started = time.perf_counter()
     progress("exporting vision encoder (1/3)")
     encoder = VisionEncoder(inner.visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes).eval()
-    patches = 64  # a 16x16-patch example; the patch count is dynamic (multiples of 4 at run time)
-    example = (torch.randn(patches, patch_dim), torch.randn(patches, vision.head_dim),
-               torch.randn(patches, vision.head_dim), torch.arange(patches) // 16)
-    vision_inputs = list(VISION_INPUTS) if family == "qwen2_5_vl" else list(VISION_INPUTS[:3])
+    example, vision_inputs = vision_example(vision, patch_dim)
     n = Dim("patches", min=4, max=1 << 20)
-    export_onnx(encoder, example[:len(vision_inputs)], out / "vision.onnx", vision_inputs, ["image_features"],
-                tuple({0: n} for _ in vision_inputs), opset)
+    windows, longest = Dim("windows", min=1, max=1 << 20), Dim("window_len", min=1, max=1 << 20)
+    shapes = {"pixel_values": {0: n}, "rotary_cos": {0: n}, "rotary_sin": {0: n},
+              "window_gather": {0: windows, 1: longest}, "window_bias": {0: windows, 3: longest},
+              "window_scatter": {0: n}}
+    export_onnx(encoder, tuple(torch.from_numpy(example[name]) for name in vision_inputs), out / "vision.onnx",
+                vision_inputs, ["image_features"], tuple(shapes[name] for name in vision_inputs), opset)
     names["vision"] = (vision_inputs, ["image_features"])
     progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s)")
 

@@ -1,7 +1,9 @@
 """The three exportable graphs, written plainly over a transformers Qwen-VL model's own weights.
 
-* VisionEncoder: one image's patches -> merged features. Rotary cos/sin and window ids come in as
-  inputs (computed on the host by gemvg.runtime.vision), so the graph has no data-dependent control flow.
+* VisionEncoder: one image's patches -> merged features. Rotary cos/sin and Qwen2.5-VL's window layout
+  (gather / bias / scatter indices) come in as inputs (computed on the host by gemvg.runtime.vision), so
+  the graph has no data-dependent control flow. Windowed blocks attend within each window as one batch
+  of windows padded to the longest, not as full attention under a mask.
 * TokenEmbedding: ids -> embeddings.
 
 The text decoder is not traced: export/decoder_builder.py writes it with ONNX Runtime's fused ops.
@@ -27,31 +29,55 @@ class VisionEncoder(nn.Module):
         # None: Qwen2-VL, every block attends to the whole image; else Qwen2.5-VL window attention.
         self.full_blocks = None if fullatt_block_indexes is None else set(fullatt_block_indexes)
 
-    def attention(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def qkv(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v [n, heads, head_dim], rotary applied to q and k."""
         attn = block.attn
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, n, head_dim]
-        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-        if mask is not None:
-            scores = scores + mask
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        out = torch.matmul(weights, v).transpose(0, 1).reshape(n, -1)
-        return attn.proj(out)
+        return q, k, v
 
-    def forward(self, pixel_values, rotary_cos, rotary_sin, window_ids=None):
+    @staticmethod
+    def core(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T * scaling + bias) v over [..., heads, len, head_dim], the softmax in float32."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return torch.matmul(weights, v)
+
+    def attention(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every patch attends to every patch of the image."""
+        n = x.shape[0]
+        q, k, v = (t.transpose(0, 1) for t in self.qkv(block, x, cos, sin))  # [heads, n, head_dim]
+        out = self.core(block.attn, q, k, v, None).transpose(0, 1).reshape(n, -1)
+        return block.attn.proj(out)
+
+    def window_attention(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         gather: torch.Tensor, bias: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        """Patches attend within their window: q/k/v gathered into [windows, L, ...] (padding slots repeat a
+        patch of their window), padding keys masked by `bias`, results scattered back to patch order."""
+        windows, longest = gather.shape
+        flat = gather.reshape(-1)
+        q, k, v = (t.index_select(0, flat).reshape(windows, longest, t.shape[1], t.shape[2]).transpose(1, 2)
+                   for t in self.qkv(block, x, cos, sin))  # [windows, heads, L, head_dim]
+        out = self.core(block.attn, q, k, v, bias).transpose(1, 2).reshape(windows * longest, -1)
+        return block.attn.proj(out.index_select(0, scatter))
+
+    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather=None, window_bias=None,
+                window_scatter=None):
         hidden = self.visual.patch_embed(pixel_values)
-        window_mask = None
-        if self.full_blocks is not None:
-            same_window = window_ids.unsqueeze(0) == window_ids.unsqueeze(1)
-            window_mask = torch.where(same_window, 0.0, float("-inf")).to(hidden.dtype)
         for index, block in enumerate(self.visual.blocks):
-            mask = None if self.full_blocks is None or index in self.full_blocks else window_mask
-            hidden = hidden + self.attention(block, block.norm1(hidden), rotary_cos, rotary_sin, mask)
+            x = block.norm1(hidden)
+            if self.full_blocks is None or index in self.full_blocks:
+                hidden = hidden + self.attention(block, x, rotary_cos, rotary_sin)
+            else:
+                hidden = hidden + self.window_attention(block, x, rotary_cos, rotary_sin, window_gather, window_bias,
+                                                        window_scatter)
             hidden = hidden + block.mlp(block.norm2(hidden))
         return self.visual.merger(hidden)
 

@@ -295,8 +295,14 @@ class Engine:
         restores its merged features to raster order (None without window attention)."""
         feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
         inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
-                  "rotary_sin": feeds.rotary_sin, "window_ids": feeds.window_ids}
-        return {k: v for k, v in inputs.items() if k in self._vision_inputs}, feeds.restore_order
+                  "rotary_sin": feeds.rotary_sin, "window_gather": feeds.window_gather,
+                  "window_bias": feeds.window_bias, "window_scatter": feeds.window_scatter}
+        inputs = {k: v for k, v in inputs.items() if k in self._vision_inputs and v is not None}
+        missing = sorted(self._vision_inputs - inputs.keys())
+        if missing:  # e.g. window_ids: a bundle exported before windowed attention
+            raise BundleError(f"{self.bundle_dir}: the vision graph takes {', '.join(missing)}, which this gemvg "
+                              "does not feed; re-export the bundle")
+        return inputs, feeds.restore_order
 
     def encode_image(self, image: PreparedImage) -> np.ndarray:
         inputs, restore_order = self.vision_inputs(image)

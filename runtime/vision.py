@@ -3,6 +3,10 @@
 Qwen-VL vision towers compute rotary positions, a window order and window boundaries from the image
 grid with Python control flow that no graph exporter captures. As TensorRT-LLM and ORT GenAI do, we
 compute them here, in numpy, and feed them to the exported encoder (one image per run).
+
+Qwen2.5-VL's window attention runs as a batch of windows: `window_layout` pads every window to the
+longest one, and the encoder gathers its patch rows into [windows, longest, ...], masks the padding
+keys with `window_bias` and scatters the results back to patch order.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ class VisionFeeds:
     pixel_values: np.ndarray  # float32 [patches, patch_dim], in attention order
     rotary_cos: np.ndarray  # float32 [patches, head_dim]
     rotary_sin: np.ndarray
-    window_ids: np.ndarray  # int64 [patches]: patches attend within equal ids (all 0 = full attention)
+    # Window attention only (Qwen2.5-VL; None without it), over the windows padded to the longest, L:
+    window_gather: np.ndarray | None  # int64 [windows, L]: the patch row in each slot (padding: the window's first)
+    window_bias: np.ndarray | None  # float32 [windows, 1, 1, L]: added to the scores, 0 for patches, -inf for padding
+    window_scatter: np.ndarray | None  # int64 [patches]: each patch row's slot in the flat [windows * L] layout
     restore_order: np.ndarray | None  # merged-token permutation back to raster order (window attention only)
 
 
@@ -59,6 +66,24 @@ def window_partition(grid_h: int, grid_w: int, merge: int, window_merged: int) -
     return np.concatenate(order), np.concatenate(ids)
 
 
+def window_layout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gather indices, key bias and scatter indices for windows of `lengths` patches, laid out one after
+    the other (as the patches are, in window order), each padded to the longest. Every window is
+    non-empty, so every row of scores has a real key and softmax stays finite."""
+    lengths = np.asarray(lengths, np.int64)
+    if lengths.ndim != 1 or len(lengths) == 0 or lengths.min() < 1:
+        raise ValueError(f"window lengths must be a non-empty list of positive counts, got {lengths!r}")
+    longest = int(lengths.max())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    slots = np.arange(longest)
+    real = slots[None, :] < lengths[:, None]  # [windows, L]
+    gather = np.where(real, starts[:, None] + slots[None, :], starts[:, None]).astype(np.int64)
+    bias = np.where(real, np.float32(0), np.float32(-np.inf)).astype(np.float32)[:, None, None, :]
+    window = np.repeat(np.arange(len(lengths)), lengths)
+    scatter = (window * longest + np.arange(int(lengths.sum())) - starts[window]).astype(np.int64)
+    return gather, bias, scatter
+
+
 def vision_feeds(pixel_values: np.ndarray, grid_thw: tuple[int, int, int], config: VisionConfig) -> VisionFeeds:
     t, grid_h, grid_w = grid_thw
     merge = config.spatial_merge_size
@@ -66,8 +91,10 @@ def vision_feeds(pixel_values: np.ndarray, grid_thw: tuple[int, int, int], confi
     positions = np.tile(patch_positions(grid_h, grid_w, merge), (t, 1))
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
     if config.window_size <= 0:
-        return VisionFeeds(pixel_values, cos, sin, np.zeros(len(pixel_values), np.int64), None)
+        return VisionFeeds(pixel_values, cos, sin, None, None, None, None)
     order, merged_window_ids = window_partition(grid_h, grid_w, merge, config.window_size // merge // config.patch_size)
     regroup = lambda a: np.ascontiguousarray(a.reshape(len(a) // unit, unit, -1)[order].reshape(len(a), -1))  # noqa: E731
-    window_ids = np.repeat(merged_window_ids, unit).astype(np.int64)
-    return VisionFeeds(regroup(pixel_values), regroup(cos), regroup(sin), window_ids, np.argsort(order))
+    # Window ids increase along the order (empty windows are skipped): run lengths are the window sizes.
+    _, merged_lengths = np.unique(merged_window_ids, return_counts=True)
+    gather, bias, scatter = window_layout(merged_lengths * unit)
+    return VisionFeeds(regroup(pixel_values), regroup(cos), regroup(sin), gather, bias, scatter, np.argsort(order))

@@ -247,7 +247,8 @@ def test_calibration_feeds_are_the_runtimes_inputs(linear_heavy, calib_file):
     first = reader.get_next()
     inputs = engine.prepare(list(calibration[0].images), calibration[0].query)
     expected = vision_feeds(inputs.images[0].pixel_values, inputs.images[0].grid_thw, engine.manifest.vision)
-    assert set(first) == {"pixel_values", "rotary_cos", "rotary_sin", "window_ids"}  # Qwen2.5-VL windows
+    assert set(first) == {"pixel_values", "rotary_cos", "rotary_sin",  # Qwen2.5-VL windows:
+                          "window_gather", "window_bias", "window_scatter"}
     for name in first:
         assert np.array_equal(first[name], getattr(expected, name)), name
     assert len(reader) == 2 * len(calibration)
