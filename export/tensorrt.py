@@ -58,12 +58,42 @@ def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(value, high))
 
 
+def _windows(rows: int, cols: int, side: int) -> tuple[int, int]:
+    """Number of windows and patches in the largest one, for a grid of rows x cols patches."""
+    return -(-rows // side) * -(-cols // side), min(rows, side) * min(cols, side)
+
+
+def window_shapes(min_patches: int, opt_patches: int, max_patches: int, merge: int,
+                  side: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(windows, longest window) at min / opt / max for Qwen2.5-VL window attention, over every image
+    grid (sides multiple of `merge`) of `min_patches` to `max_patches` patches, windows `side` patches
+    square: min is one window and the shortest longest-window (a thin image), max the most windows (a
+    thin image: windows of merge x side patches) and the longest window (side x side); opt is the
+    square grid of `opt_patches`."""
+    def whole(patches: int) -> int:  # a side of at least `patches`, in whole merge groups
+        return max(merge, -(-patches // merge) * merge)
+
+    shapes = []
+    for rows in range(merge, max_patches // merge + 1, merge):
+        fewest, most = whole(-(-min_patches // rows)), max_patches // rows // merge * merge
+        if fewest <= most:  # the window count and the longest window grow with the columns
+            shapes += [_windows(rows, fewest, side), _windows(rows, most, side)]
+    if not shapes:
+        raise TensorRTError(f"no image grid has {min_patches} to {max_patches} patches")
+    low = (1, min(longest for _, longest in shapes))
+    high = (max(count for count, _ in shapes), max(longest for _, longest in shapes))
+    rows = max(merge, round(opt_patches ** 0.5 / merge) * merge)
+    count, longest = _windows(rows, max(merge, opt_patches // rows // merge * merge), side)
+    return low, (_clamp(count, low[0], high[0]), _clamp(longest, low[1], high[1])), high
+
+
 def optimization_profiles(manifest: Manifest, opt_images: int = OPT_IMAGES,
                           opt_image_patches: int = OPT_IMAGE_PATCHES) -> dict[str, list[Profile]]:
     """Min/opt/max input shapes per graph, from the manifest's limits. Pure: no TensorRT needed.
 
     * vision (one image per run): patches from the fewest an image can have (min_pixels after
-      smart_resize, whole 2x2 merge groups) to `limits.max_patches_per_image`;
+      smart_resize, whole 2x2 merge groups) to `limits.max_patches_per_image`; with window attention,
+      the window layout's windows and longest window over those images (`window_shapes`);
     * embed: 1 to `limits.max_context` tokens;
     * decoder, two profiles over a KV cache of 1 to max_context positions: profile 0 (prefill) takes 1
       to max_context tokens per pass, optimized for a fresh prompt; profile 1 (decode) takes one token.
@@ -85,7 +115,13 @@ def optimization_profiles(manifest: Manifest, opt_images: int = OPT_IMAGES,
         return ShapeRange((min_patches, *tail), (opt_patches, *tail), (max_patches, *tail))
 
     vision_profile = {"pixel_values": patches(patch_dim), "rotary_cos": patches(vision.head_dim),
-                      "rotary_sin": patches(vision.head_dim), "window_ids": patches()}
+                      "rotary_sin": patches(vision.head_dim), "window_scatter": patches()}
+    if vision.window_size > 0:
+        side = vision.window_size // pre.merge_size // pre.patch_size * pre.merge_size
+        (w_min, l_min), (w_opt, l_opt), (w_max, l_max) = window_shapes(min_patches, opt_patches, max_patches,
+                                                                         pre.merge_size, side)
+        vision_profile["window_gather"] = ShapeRange((w_min, l_min), (w_opt, l_opt), (w_max, l_max))
+        vision_profile["window_bias"] = ShapeRange((w_min, 1, 1, l_min), (w_opt, 1, 1, l_opt), (w_max, 1, 1, l_max))
     vision_profile = {name: shape for name, shape in vision_profile.items() if name in manifest.vision_graph.inputs}
 
     context = limits.max_context

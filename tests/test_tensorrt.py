@@ -27,7 +27,7 @@ from gemvg.runtime.manifest import (GraphFile, Limits, Manifest, PromptTemplate,
 from gemvg.runtime.preprocess import PreprocessConfig
 
 LAYERS = 2
-VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_ids")
+VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_bias", "window_scatter")
 DECODER_INPUTS = (("inputs_embeds", "position_ids") + tuple(f"past_key_{i}" for i in range(LAYERS))
                   + tuple(f"past_value_{i}" for i in range(LAYERS)) + ("seqlens_k", "total_sequence_length"))
 DECODER_OUTPUTS = (("logits",) + tuple(f"present_key_{i}" for i in range(LAYERS))
@@ -65,7 +65,11 @@ def test_profiles_come_from_the_manifest_limits():
     assert set(vision) == set(VISION_INPUTS)
     assert vision["pixel_values"] == ShapeRange((16, 1176), (1024, 1176), (5120, 1176))  # min_pixels/14^2 .. limit
     assert vision["rotary_cos"] == ShapeRange((16, 64), (1024, 64), (5120, 64))
-    assert vision["window_ids"] == ShapeRange((16,), (1024,), (5120,))
+    assert vision["window_scatter"] == ShapeRange((16,), (1024,), (5120,))
+    # 112-pixel windows of 8x8 patches: min one window of a thin 2x8-patch image; opt a 32x32 grid of 16
+    # full windows; max a 2x2560-patch image's 320 windows of 2x8 patches, and full 64-patch windows.
+    assert vision["window_gather"] == ShapeRange((1, 16), (16, 64), (320, 64))
+    assert vision["window_bias"] == ShapeRange((1, 1, 1, 16), (16, 1, 1, 64), (320, 1, 1, 64))
     assert profiles["embed"] == [{"input_ids": ShapeRange((1, 1), (1, 576), (1, 4096))}]  # 2 x 256 tokens + 64
 
     prefill, decode = profiles["decoder"]
@@ -81,16 +85,40 @@ def test_profiles_follow_other_limits_and_reject_impossible_ones():
     small = optimization_profiles(make_manifest(max_context=300, max_patches=258, min_pixels=56 * 56 * 4))
     vision = small["vision"][0]["pixel_values"]
     assert vision == ShapeRange((64, 1176), (256, 1176), (256, 1176))  # whole merge groups, opt clamped to max
+    assert small["vision"][0]["window_gather"] == ShapeRange((1, 16), (4, 64), (16, 64))  # 16x16: 4 windows
     assert small["embed"][0]["input_ids"] == ShapeRange((1, 1), (1, 192), (1, 300))
     assert small["decoder"][0]["past_key_0"].max == (1, 2, 300, 64)
     qwen2 = dataclasses.replace(make_manifest(), vision_graph=GraphFile("vision.onnx", "0", VISION_INPUTS[:3], ()))
-    assert "window_ids" not in optimization_profiles(qwen2)["vision"][0]
+    assert set(optimization_profiles(qwen2)["vision"][0]) == set(VISION_INPUTS[:3])
     with pytest.raises(TensorRTError, match="max_context"):
         optimization_profiles(make_manifest(max_context=1))
     with pytest.raises(TensorRTError, match="merge group"):
         optimization_profiles(make_manifest(max_patches=3))
     with pytest.raises(ValueError):
         ShapeRange((2,), (1,), (3,))
+
+
+def test_window_profiles_hold_every_image_grid():
+    """The window inputs' ranges hold the feeds of every grid the limits allow, and are reached."""
+    import numpy as np
+
+    from gemvg.runtime.vision import vision_feeds
+
+    manifest = make_manifest(max_patches=1000, min_pixels=12 * 196)
+    profile = optimization_profiles(manifest)["vision"][0]
+    seen = set()
+    for rows in range(2, 501, 2):
+        for cols in range(2, 501, 2):
+            if not 12 <= rows * cols <= 1000:
+                continue
+            feeds = vision_feeds(np.zeros((rows * cols, 1), np.float32), (1, rows, cols), manifest.vision)
+            for name in ("window_gather", "window_bias", "window_scatter"):
+                shape, limits = getattr(feeds, name).shape, profile[name]
+                assert all(lo <= d <= hi for lo, d, hi in zip(limits.min, shape, limits.max)), (name, rows, cols)
+            seen.add(feeds.window_gather.shape)
+    gather = profile["window_gather"]
+    assert gather.min == (1, min(length for _, length in seen))
+    assert gather.max == (max(count for count, _ in seen), max(length for _, length in seen))
 
 
 def test_ort_profile_strings():
