@@ -9,8 +9,8 @@ than traced, so it uses exactly the kernels that make CPU decoding fast:
 * SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm with the residual add fused);
 * one MatMul for q, k and v and one for gate and up, so weight-only quantization (MatMulNBits) and
   static INT8 see few, large matrices;
-* M-RoPE from the 3-D position ids in the graph (section i of the frequencies follows axis i % 3), so
-  the host only computes positions;
+* M-RoPE with MRotaryEmbedding from the 3-D position ids (section i of the frequencies follows axis
+  i % 3), one fused node for q and one for k per layer, so the host only computes positions;
 * logits for the last position only.
 
 I/O (the bundle's convention): inputs_embeds [1, S, hidden], position_ids [3, 1, S] int64,
@@ -58,8 +58,11 @@ def _linear_weight(linear) -> np.ndarray:
     return linear.weight.detach().float().numpy().T
 
 
-def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], list[str]]:
-    """Write decoder.onnx (+ decoder.onnx.data when large) for a Qwen2-VL / Qwen2.5-VL model."""
+def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> tuple[list[str], list[str]]:
+    """Write decoder.onnx (+ decoder.onnx.data when large) for a Qwen2-VL / Qwen2.5-VL model.
+
+    M-RoPE positions never exceed a token's index, so rotary tables of `max_context` rows cover every
+    request the bundle accepts."""
     language_model = model.model.language_model
     g = GraphBuilder()
     heads, kv_heads, head_dim, hidden = text.num_heads, text.num_kv_heads, text.head_dim, text.hidden_size
@@ -77,30 +80,17 @@ def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], l
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
 
-    # M-RoPE tables, once for all layers: angles = position(axis of the section) * inv_freq.
-    inv_freq = 1.0 / (text.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    positions = g.op("Cast", ["position_ids"], to=TensorProto.FLOAT)
-    freqs = g.op("Mul", [g.op("Unsqueeze", [positions, g.constant("axis_last", np.array([-1], np.int64))]),
-                         g.constant("inv_freq", inv_freq.astype(np.float32))])  # [3, 1, S, head_dim/2]
-    sections, start = [], 0
-    for index, width in enumerate(text.mrope_section):
-        axis = index % 3
-        sections.append(g.op("Slice", [freqs, g.constant(f"sec{index}_starts", np.array([axis, start], np.int64)),
-                                       g.constant(f"sec{index}_ends", np.array([axis + 1, start + width], np.int64)),
-                                       g.constant(f"sec{index}_axes", np.array([0, 3], np.int64))]))
-        start += width
-    angles = g.op("Squeeze", [g.op("Concat", sections, axis=-1), g.constant("axis0", np.array([0], np.int64))])
-    angles = g.op("Concat", [angles, angles], axis=-1)  # [1, S, head_dim]
-    angles = g.op("Unsqueeze", [angles, g.constant("axis2", np.array([2], np.int64))])  # [1, S, 1, head_dim]
-    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
-    half = g.constant("half_split", np.array([head_dim // 2, head_dim // 2], np.int64))
+    # M-RoPE: ONNX Runtime's MRotaryEmbedding reads cos/sin of every position from tables and picks, per
+    # frequency section, the position of that section's axis (temporal, height, width) from position_ids.
+    # float32 throughout, as transformers computes its rotary angles.
+    inv_freq = (1.0 / (np.float32(text.rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)))
+    angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    cos_cache = g.constant("cos_cache", np.cos(angles))  # [positions, head_dim/2]
+    sin_cache = g.constant("sin_cache", np.sin(angles))
 
-    def rotate(x: str, num_heads: int, tag: str) -> str:
-        shaped = g.op("Reshape", [x, g.constant(f"{tag}_heads_shape", np.array([1, -1, num_heads, head_dim], np.int64))])
-        first, second = g.op("Split", [shaped, half], outputs=2, axis=-1)
-        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
-        out = g.op("Add", [g.op("Mul", [shaped, cos]), g.op("Mul", [rotated, sin])])
-        return g.op("Reshape", [out, g.constant(f"{tag}_flat_shape", np.array([1, -1, num_heads * head_dim], np.int64))])
+    def rotate(x: str, num_heads: int) -> str:
+        return g.op("MRotaryEmbedding", [x, "position_ids", cos_cache, sin_cache], domain="com.microsoft",
+                    num_heads=num_heads, mrope_section=list(text.mrope_section), interleaved=0)
 
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     qkv_split = g.constant("qkv_split", np.array([q_size, kv_size, kv_size], np.int64))
@@ -123,7 +113,7 @@ def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], l
         qkv = g.op("Add", [g.op("MatMul", [x, g.constant(f"l{i}_qkv_weight", qkv_w)]), g.constant(f"l{i}_qkv_bias", qkv_b)])
         q, k, v = g.op("Split", [qkv, qkv_split], outputs=3, axis=-1)
         attended, _, _ = g.op("GroupQueryAttention",
-                        [rotate(q, heads, f"l{i}_q"), rotate(k, kv_heads, f"l{i}_k"), v, f"past_key_{i}",
+                        [rotate(q, heads), rotate(k, kv_heads), v, f"past_key_{i}",
                          f"past_value_{i}", "seqlens_k", "total_sequence_length"],
                         outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
                         domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,

@@ -238,7 +238,7 @@ def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] |
 
 
 def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, out: Path, opset: int,
-                  progress: Callable[[str], None]) -> dict[str, tuple[list[str], list[str]]]:
+                  max_context: int, progress: Callable[[str], None]) -> dict[str, tuple[list[str], list[str]]]:
     import torch
     from torch.export import Dim
 
@@ -275,7 +275,7 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
 
     started = time.perf_counter()
     progress("building text decoder with GroupQueryAttention and a shared KV cache (3/3)")
-    inputs, outputs = build_decoder(model, text, out / "decoder.onnx")
+    inputs, outputs = build_decoder(model, text, out / "decoder.onnx", max_context)
     names["decoder"] = (inputs, outputs)
     progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
     return names
@@ -311,14 +311,15 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     tokens = read_token_ids(model_dir, model.config)
 
     out.mkdir(parents=True, exist_ok=True)
-    names = export_graphs(model, family, text, vision, out, options.opset, progress)
+    max_context = options.max_context or text.max_position_embeddings
+    names = export_graphs(model, family, text, vision, out, options.opset, max_context, progress)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
     max_patches = options.max_patches_per_image or preprocess.max_pixels // (preprocess.patch_size ** 2)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, family=family, precision=options.precision, text=text, vision=vision,
         preprocess=preprocess, tokens=tokens, prompt=template,
-        limits=Limits(max_context=options.max_context or text.max_position_embeddings,
+        limits=Limits(max_context=max_context,
                       max_images=options.max_images, max_image_pixels=preprocess.max_image_pixels,
                       max_patches_per_image=max_patches),
         vision_graph=graph_file(out, "vision.onnx", *names["vision"]),
