@@ -29,6 +29,13 @@ class VisionEncoder(nn.Module):
         # None: Qwen2-VL, every block attends to the whole image; else Qwen2.5-VL window attention.
         self.full_blocks = None if fullatt_block_indexes is None else set(fullatt_block_indexes)
 
+    def patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """HF's patch embedding is a Conv3d whose kernel equals its stride over one flattened patch: the
+        same numbers as one MatMul, which (unlike a Conv) static INT8 turns into an integer GEMM."""
+        conv = self.visual.patch_embed.proj
+        hidden = pixel_values.to(conv.weight.dtype) @ conv.weight.reshape(conv.out_channels, -1).T
+        return hidden if conv.bias is None else hidden + conv.bias
+
     @staticmethod
     def qkv(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v [n, heads, head_dim], rotary applied to q and k."""
@@ -70,7 +77,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather=None, window_bias=None,
                 window_scatter=None):
-        hidden = self.visual.patch_embed(pixel_values)
+        hidden = self.patch_embed(pixel_values)
         for index, block in enumerate(self.visual.blocks):
             x = block.norm1(hidden)
             if self.full_blocks is None or index in self.full_blocks:

@@ -51,9 +51,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm")  # Q/DQ on the inputs of these; their outputs
 LARGE_GRAPH_BYTES = int(1.8e9)  # protobuf's 2 GB limit, with room: larger graphs use external data
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 FLOAT_BY_DESIGN = {
-    "vision": "Conv (patch embedding, about 1% of the encoder's FLOPs: onnxruntime's CPU kernels fuse a Q/DQ "
-              "Conv into an integer kernel only with a quantized output, so quantizing it would add work), "
-              "norms, softmax, rotary and activation functions: only MatMul/Gemm inputs are quantized",
+    "vision": "norms, softmax, rotary and activation functions: only MatMul/Gemm inputs are quantized",
     "decoder": "GroupQueryAttention (scores, softmax, weighted values), norms, rotary, activation functions "
                "and the residual stream: only MatMul inputs are quantized; the cached keys/values stay fp32",
 }
