@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="min output cosine vs fp32 per component on calibration requests (default 0.99; "
                             "0.97 for an int4 decoder): the layer groups whose quantization costs most stay "
                             "float (int8) or get 8 bits (int4) until it is met")
+    quant.add_argument("--upgrade-budget", type=float, default=0.25, metavar="FRACTION",
+                       help="int4/int8w: at most this fraction of the decoder's weights may get 8 bits (int4) or "
+                            "stay float (int8w) to meet the target cosine; 0 = every MatMul at the precision's "
+                            "bits, as ORT GenAI's int4")
     quant.add_argument("--fp32-bundle", metavar="DIR",
                        help="quantize this fp32 bundle instead of exporting --model (its limits are kept)")
     parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                             calibration=args.calibration, calibration_method=args.calibration_method,
                             calibration_samples=args.calibration_samples, block_size=args.block_size,
                             accuracy_level=args.accuracy_level, target_cosine=args.target_cosine,
+                            upgrade_budget=args.upgrade_budget,
                             fp32_bundle=args.fp32_bundle, target=args.target)
     try:
         manifest = export_bundle(args.model, args.out, options)

@@ -55,6 +55,7 @@ class ExportOptions:
     block_size: int = 32
     accuracy_level: int = 4
     target_cosine: float | None = None  # default by precision (gemvg.export.quantize.DEFAULT_TARGETS)
+    upgrade_budget: float = 0.25  # weight-only: fraction of weights that may get 8 bits (int4) / stay float
     fp32_bundle: str | Path | None = None  # quantize this fp32 bundle instead of exporting the checkpoint
     target: str = "onnxruntime"  # onnxruntime | tensorrt (also builds TensorRT engines)
 
@@ -64,7 +65,8 @@ class ExportOptions:
         return QuantizeOptions(precision=self.precision, vision_precision=self.vision_precision,
                                calibration=self.calibration, calibration_method=self.calibration_method,
                                calibration_samples=self.calibration_samples, block_size=self.block_size,
-                               accuracy_level=self.accuracy_level, target_cosine=self.target_cosine)
+                               accuracy_level=self.accuracy_level, target_cosine=self.target_cosine,
+                               upgrade_budget=self.upgrade_budget)
 
 
 def log(message: str) -> None:

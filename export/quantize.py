@@ -73,6 +73,7 @@ class QuantizeOptions:
     calibration_samples: int | None = None  # cap on calibration requests (held-back ones excluded)
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute on CPU
+    upgrade_budget: float = UPGRADE_BUDGET  # weight-only: fraction of weights that may get 8 bits / stay float
     target_cosine: float | None = None  # per component, min over the sensitivity samples; default by precision
     sensitivity_samples: int = 2  # calibration requests used to measure output cosines
     report_samples: int = 3  # held-back requests for the report when the calibration file has none
@@ -108,6 +109,8 @@ def check_options(options: QuantizeOptions) -> None:
         raise QuantizeError(f"--block-size must be a power of two, at least 16 (got {options.block_size})")
     if options.accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizeError(f"--accuracy-level must be 0-4 (got {options.accuracy_level})")
+    if not 0.0 <= options.upgrade_budget <= 1.0:
+        raise QuantizeError(f"--upgrade-budget must be in [0, 1] (got {options.upgrade_budget})")
     if options.target_cosine is not None and not 0.0 < options.target_cosine <= 1.0:
         raise QuantizeError(f"the target cosine must be in (0, 1] (got {options.target_cosine})")
     if options.calibration and not Path(options.calibration).is_file():
@@ -360,7 +363,8 @@ def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluato
     progress(f"{label}: everything quantized: cosine {base_cosine:.5f} (max abs diff {base_diff:.4g}, "
              f"target {target})")
     measured = []
-    for index, (group, names) in enumerate(groups.items(), start=1):
+    # A zero budget upgrades nothing, so nothing is worth measuring group by group.
+    for index, (group, names) in enumerate(groups.items() if budget != 0 else (), start=1):
         group_cosine, _ = evaluate(mixer.build(set(names)))
         entry = {"group": group, "nodes": names, f"cosine_with_group_{upgrade}": round(group_cosine, 6),
                  "cost": round(group_cosine - base_cosine, 6)}
@@ -619,10 +623,12 @@ def _weight_count(model, node_name: str) -> int:
 
 
 def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, accuracy_level: int,
-                eval_feeds: list[dict], target: float, progress: Callable[[str], None]) -> dict:
+                eval_feeds: list[dict], target: float, progress: Callable[[str], None],
+                budget: float = UPGRADE_BUDGET) -> dict:
     """Every MatMul with a constant weight (the lm_head included) -> MatMulNBits with `bits` per weight;
     the layer groups whose quantization costs most per weight get 8 bits (or stay float, for 8-bit)
-    until the output cosine meets `target` on `eval_feeds`, within UPGRADE_BUDGET of the weights."""
+    until the output cosine meets `target` on `eval_feeds`, within `budget` (a fraction) of the weights.
+    A budget of 0 gives every MatMul `bits` bits, as ORT GenAI's builder does."""
     import onnx
     import onnxruntime
 
@@ -640,13 +646,18 @@ def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, acc
              f"accuracy level {accuracy_level})")
     base = _nbits(fp32_path, bits, block_size, accuracy_level)
     upgrade = "8-bit" if bits < 8 else "float"
-    alternative = _nbits(fp32_path, 8, block_size, accuracy_level) if bits < 8 else onnx.load(str(fp32_path))
+    if budget == 0:
+        alternative = base  # never used: nothing is upgraded
+    elif bits < 8:
+        alternative = _nbits(fp32_path, 8, block_size, accuracy_level)
+    else:
+        alternative = onnx.load(str(fp32_path))
     del fp32
     progress(f"decoder: measuring against fp32 on {len(eval_feeds)} inputs")
     evaluate = Evaluator(eval_feeds)
     evaluate.set_reference(fp32_path)
     model, upgraded, record = select_groups(Mixer(base, alternative), groups, evaluate, target, "decoder", upgrade,
-                                            progress, sizes, UPGRADE_BUDGET)
+                                            progress, sizes, budget)
     save_graph(model, out_path)
     upgraded_nodes = [name for group in upgraded for name in groups[group]]
     counts = {f"{b}-bit": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and
@@ -742,7 +753,7 @@ def quantize_bundle(fp32_dir: str | Path, out_dir: str | Path, options: Quantize
             records["decoder"] = weight_only(fp32_dir / source.decoder_graph.path, out / source.decoder_graph.path,
                                              WEIGHT_ONLY_BITS[options.precision], options.block_size,
                                              options.accuracy_level, decoder_feeds[1],
-                                             options.target("decoder"), progress)
+                                             options.target("decoder"), progress, options.upgrade_budget)
     _copy_graph(fp32_dir, out, source.embed_graph)
     shutil.copyfile(fp32_dir / source.tokenizer.path, out / source.tokenizer.path)
 

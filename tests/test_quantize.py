@@ -203,6 +203,20 @@ def test_weight_only_uses_matmulnbits_with_the_lm_head(linear_heavy):
             assert 0 < record["budget"]["used"] <= record["budget"]["fraction_of_weights"] == 0.25
 
 
+def test_zero_upgrade_budget_gives_every_matmul_4_bits(linear_heavy, tmp_path):
+    out = tmp_path / "int4-pure"
+    argv = ["--fp32-bundle", str(linear_heavy["fp32"]), "--out", str(out), "--precision", "int4", "--upgrade-budget",
+            "0", "--block-size", "64"]
+    assert export_main(argv) == 0
+    model = onnx.load(str(out / "decoder.onnx"))
+    attributes = [{a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert attributes and all(a["bits"] == 4 and a["block_size"] == 64 for a in attributes)
+    record = load_manifest(out).extra["quantization"]["decoder"]
+    assert record["upgraded_groups"] == [] and record["sensitivity"] == [] and record["budget"]["used"] == 0
+    # The measured cosine is still recorded.
+    assert 0 < record["final"]["cosine"] == record["all_quantized"]["cosine"] < 1
+
+
 # -- the sensitivity machinery -------------------------------------------------------------------
 
 
@@ -305,6 +319,7 @@ def test_export_errors_are_one_line(linear_heavy, tmp_path, capsys):
         (["--precision", "int4", "--vision-precision", "int8"], "needs calibration requests"),
         (["--precision", "int8", "--calibration", str(tmp_path / "none.jsonl")], "calibration file not found"),
         (["--precision", "int4", "--block-size", "24"], "--block-size"),
+        (["--precision", "int4", "--upgrade-budget", "1.5"], "--upgrade-budget"),
         (["--precision", "int8", "--calibration", str(tmp_path / "bad.jsonl")], "bad.jsonl:1"),
     ]
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
