@@ -128,9 +128,23 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
     stages = summarize(samples)
     per_token_s = stages["decode_per_token"]["median"] / 1e3
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
-    return SystemResult(f"gemvg {manifest.precision}", stages, peak_rss_mb(), weight_bytes,
+    return SystemResult(f"gemvg {_label(manifest)}", stages, peak_rss_mb(), weight_bytes,
                         weight_bytes / per_token_s / 1e9, prompt_tokens, size / 1e6,
                         {"follow_up_reused_tokens": follow.reused_prefix_tokens})
+
+
+def _label(manifest) -> str:
+    """The precision, with what tells two bundles of one precision apart (vision precision, block size,
+    pure or mixed bits)."""
+    record = manifest.extra.get("quantization", {})
+    decoder = record.get("decoder", {})
+    details = []
+    if record and record.get("vision_precision") != manifest.precision:
+        details.append(f"vision {record.get('vision_precision')}")
+    if "block_size" in decoder:
+        upgraded = len(decoder.get("upgraded_groups", []))
+        details.append(f"block {decoder['block_size']}" + (f", {upgraded} groups 8-bit" if upgraded else ""))
+    return manifest.precision + (f" ({'; '.join(details)})" if details else "")
 
 
 def _graph_bytes(bundle: Path, graph) -> int:
@@ -338,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for b in args.baseline for k in (("ortgenai-fp32", "ortgenai-int4") if b == "ortgenai" else (b,))]
     specs = [{"kind": k, "path": args.checkpoint} for k in kinds] + [{"kind": "gemvg", "path": b} for b in args.bundle]
     results = []
+    # A shared machine's bandwidth drifts: it is measured before the first system and after each one, and
+    # the median of those measurements is what decode bandwidth is compared with.
+    bandwidths = [read_bandwidth_gbs(workload.threads)]
     for spec in specs:
         print(f"[gemvg bench] measuring {spec['kind']} {spec['path']} ...", file=sys.stderr, flush=True)
         spec.update(images=[str(p) for p in images], workload=asdict(workload))
@@ -346,9 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"gemvg bench: error: {err}", file=sys.stderr)
             return 1
-    bandwidth = read_bandwidth_gbs(workload.threads)
+        bandwidths.append(read_bandwidth_gbs(workload.threads))
+    bandwidth = float(np.median(bandwidths))
     table = markdown_table(results, bandwidth, workload)
+    table += (f"\n\nRead bandwidth measured {len(bandwidths)} times (before the first system and after each): "
+              f"{', '.join(f'{b:.1f}' for b in bandwidths)} GB/s; the median, {bandwidth:.1f} GB/s, is the reference.")
     (out / "results.json").write_text(json.dumps({"workload": asdict(workload), "read_bandwidth_gbs": bandwidth,
+                                                  "read_bandwidth_samples_gbs": bandwidths,
                                                   "systems": results}, indent=2))
     (out / "results.md").write_text(table + "\n")
     chart(results, out / "stages.png")

@@ -24,7 +24,7 @@ def test_bench_tiny_against_transformers(tiny_bundles, tiny_checkpoints, tmp_pat
         assert system["peak_rss_mb"] > 0 and system["weight_bytes_per_token"] > 0
     gemvg_system = report["systems"][1]
     assert gemvg_system["extra"]["follow_up_reused_tokens"] > 0
-    assert report["read_bandwidth_gbs"] > 0
+    assert report["read_bandwidth_gbs"] > 0 and len(report["read_bandwidth_samples_gbs"]) == 3  # before, after each
     table = (out / "results.md").read_text()
     assert "| gemvg fp32 |" in table and "| transformers fp32 |" in table
     assert (out / "stages.png").stat().st_size > 1000
