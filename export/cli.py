@@ -10,6 +10,7 @@ from pathlib import Path
 from gemvg.runtime.errors import GemvgError
 
 from .exporter import ExportOptions, export_bundle
+from .quantize import UPGRADE_BUDGET
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="min output cosine vs fp32 per component on calibration requests (default 0.99; "
                             "0.97 for an int4 decoder): the layer groups whose quantization costs most stay "
                             "float (int8) or get 8 bits (int4) until it is met")
-    quant.add_argument("--upgrade-budget", type=float, default=0.25, metavar="FRACTION",
+    quant.add_argument("--upgrade-budget", type=float, default=UPGRADE_BUDGET, metavar="FRACTION",
                        help="int4/int8w: at most this fraction of the decoder's weights may get 8 bits (int4) or "
                             "stay float (int8w) to meet the target cosine; 0 = every MatMul at the precision's "
                             "bits, as ORT GenAI's int4")

@@ -84,7 +84,7 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
     # frequency section, the position of that section's axis (temporal, height, width) from position_ids.
     # float32 throughout, as transformers computes its rotary angles.
     inv_freq = (1.0 / (np.float32(text.rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)))
-    angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None]
     cos_cache = g.constant("cos_cache", np.cos(angles))  # [positions, head_dim/2]
     sin_cache = g.constant("sin_cache", np.sin(angles))
 

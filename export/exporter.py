@@ -25,6 +25,8 @@ from gemvg.runtime.manifest import (SCHEMA_VERSION, Limits, Manifest, PromptTemp
                                     VisionConfig, graph_file)
 from gemvg.runtime.preprocess import PreprocessConfig
 
+from .quantize import UPGRADE_BUDGET
+
 FAMILY_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -55,7 +57,7 @@ class ExportOptions:
     block_size: int = 32
     accuracy_level: int = 4
     target_cosine: float | None = None  # default by precision (gemvg.export.quantize.DEFAULT_TARGETS)
-    upgrade_budget: float = 0.25  # weight-only: fraction of weights that may get 8 bits (int4) / stay float
+    upgrade_budget: float = UPGRADE_BUDGET  # weight-only: fraction of weights that may get 8 bits (int4) / stay float
     fp32_bundle: str | Path | None = None  # quantize this fp32 bundle instead of exporting the checkpoint
     target: str = "onnxruntime"  # onnxruntime | tensorrt (also builds TensorRT engines)
 
