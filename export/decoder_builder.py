@@ -11,7 +11,9 @@ than traced, so it uses exactly the kernels that make CPU decoding fast:
   static INT8 see few, large matrices;
 * M-RoPE with MRotaryEmbedding from the 3-D position ids (section i of the frequencies follows axis
   i % 3), one fused node for q and one for k per layer, so the host only computes positions;
-* logits for the last position only.
+* the last position only after the last layer's attention: the other positions' outputs of that layer
+  feed nothing (their keys and values are already cached), so its o_proj, MLP, the final norm and the
+  lm_head see one row; exact, and it saves 1/num_layers of the prefill's MLP work.
 
 I/O (the bundle's convention): inputs_embeds [1, S, hidden], position_ids [3, 1, S] int64,
 past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim], seqlens_k [1] int32 (index of the
@@ -96,6 +98,11 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
     qkv_split = g.constant("qkv_split", np.array([q_size, kv_size, kv_size], np.int64))
     mlp_split = g.constant("mlp_split", np.array([text_intermediate(language_model)] * 2, np.int64))
 
+    def last(name: str) -> str:
+        return g.op("Slice", [name, g.constant(f"last_start_{name}", np.array([-1], np.int64)),
+                              g.constant(f"last_end_{name}", np.array([np.iinfo(np.int64).max], np.int64)),
+                              g.constant(f"last_axis_{name}", np.array([1], np.int64))])
+
     residual = "inputs_embeds"
     pending = None  # the previous sublayer's output, added to the residual by the next fused norm
     for i in layers:
@@ -118,6 +125,8 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
                         outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
                         domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
                         scale=float(attn.scaling))
+        if i == layers[-1]:  # from here on only the last position is needed
+            attended, residual = last(attended), last(residual)
         attn_out = g.op("MatMul", [attended, g.constant(f"l{i}_o_weight", _linear_weight(attn.o_proj))])
         norm_post = g.constant(f"l{i}_post_norm", layer.post_attention_layernorm.weight.detach().float().numpy())
         x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, norm_post], outputs=4,
@@ -129,12 +138,8 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
         pending = g.op("MatMul", [activated, g.constant(f"l{i}_down_weight", _linear_weight(mlp.down_proj))])
 
-    # Only the last position goes through the final norm and the (large) lm_head.
-    last = lambda name: g.op("Slice", [name, g.constant(f"last_start_{name}", np.array([-1], np.int64)),  # noqa: E731
-                                       g.constant(f"last_end_{name}", np.array([np.iinfo(np.int64).max], np.int64)),
-                                       g.constant(f"last_axis_{name}", np.array([1], np.int64))])
     final, _, _, _ = g.op("SkipSimplifiedLayerNormalization",
-                          [last(pending), last(residual), g.constant("final_norm", language_model.norm.weight.detach().float().numpy())],
+                          [pending, residual, g.constant("final_norm", language_model.norm.weight.detach().float().numpy())],
                           outputs=4, domain="com.microsoft", epsilon=eps)
     g.op("MatMul", [final, g.constant("lm_head_weight", _linear_weight(model.lm_head))], outputs=["logits"])
 
