@@ -37,6 +37,15 @@ class VisionEncoder(nn.Module):
         return hidden if conv.bias is None else hidden + conv.bias
 
     @staticmethod
+    def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's RMSNorm written as x / sqrt(mean(x^2) + eps) * weight, the pattern ONNX Runtime fuses
+        into one SimplifiedLayerNormalization (HF's rsqrt exports as Sqrt + Reciprocal, which it leaves as
+        seven nodes). Qwen2-VL's LayerNorm is called as it is."""
+        if not hasattr(module, "variance_epsilon"):
+            return module(x)
+        return module.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
+
+    @staticmethod
     def qkv(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v [n, heads, head_dim], rotary applied to q and k."""
         attn = block.attn
@@ -79,14 +88,15 @@ class VisionEncoder(nn.Module):
                 window_scatter=None):
         hidden = self.patch_embed(pixel_values)
         for index, block in enumerate(self.visual.blocks):
-            x = block.norm1(hidden)
+            x = self.norm(block.norm1, hidden)
             if self.full_blocks is None or index in self.full_blocks:
                 hidden = hidden + self.attention(block, x, rotary_cos, rotary_sin)
             else:
                 hidden = hidden + self.window_attention(block, x, rotary_cos, rotary_sin, window_gather, window_bias,
                                                         window_scatter)
-            hidden = hidden + block.mlp(block.norm2(hidden))
-        return self.visual.merger(hidden)
+            hidden = hidden + block.mlp(self.norm(block.norm2, hidden))
+        merger = self.visual.merger
+        return merger.mlp(self.norm(merger.ln_q, hidden).view(-1, merger.hidden_size))
 
 
 class TokenEmbedding(nn.Module):
