@@ -84,6 +84,7 @@ class KVCache:
         self.values = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
         self.length = 0
         self.capacity = capacity
+        self.generation = 0  # bumped when the buffers are reallocated (bindings to the old ones are stale)
 
     def ensure_capacity(self, capacity: int) -> None:
         """Grow (keeping the filled prefix) when a reused cache must hold a longer request."""
@@ -95,6 +96,7 @@ class KVCache:
                 grown[:, :, :self.length] = old[:, :, :self.length]
                 buffers[layer] = grown
         self.capacity = capacity
+        self.generation += 1
 
 
 class FeatureCache:
@@ -219,6 +221,7 @@ class Engine:
         self._vision_inputs = {i.name for i in self.vision.get_inputs()}
         # Reused across steps and requests: no per-token allocation in the decode loop.
         self._binding = self.decoder.io_binding()
+        self._bound_cache: tuple[KVCache, int] | None = None  # the cache (and its generation) bound now
         self._logits = np.zeros((1, 1, manifest.text.vocab_size), np.float32)
         self._token = np.zeros((1, 1), np.int64)
         self._position = np.zeros((3, 1, 1), np.int64)
@@ -334,18 +337,35 @@ class Engine:
         (a view of a reused buffer, valid until the next pass).
 
         The cache buffers are bound as both past inputs and present outputs (the attention op writes the
-        new positions in place), and the logits go to a reused buffer: a step allocates no arrays.
+        new positions in place), and the logits go to a reused buffer: a step allocates no arrays. Those
+        bindings are made once per cache (its 4 x layers buffers cost about 0.25 ms to bind, 2% of an int4
+        step); a step binds only its embeddings and positions.
         """
         binding = self._binding
-        for name, value in self.decoder_feeds(embeds, positions, cache).items():
-            binding.bind_cpu_input(name, value)
-        for layer in range(len(cache.keys)):
-            _bind_output(binding, self._present_key_names[layer], cache.keys[layer])
-            _bind_output(binding, self._present_value_names[layer], cache.values[layer])
-        _bind_output(binding, "logits", self._logits)
+        total = cache.length + embeds.shape[1]
+        if total > cache.capacity:
+            raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
+        if self._bound_cache is None or self._bound_cache[0] is not cache or self._bound_cache[1] != cache.generation:
+            self._bind_cache(cache)
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.asarray(total, np.int32))
         self.decoder.run_with_iobinding(binding)
         cache.length += embeds.shape[1]
         return self._logits[0, -1]
+
+    def _bind_cache(self, cache: KVCache) -> None:
+        """Bind the cache's buffers (by address: ONNX Runtime reads and writes them in place) and the logits.
+        The binding keeps a reference to the cache, so the buffers outlive it."""
+        binding = self._binding
+        for layer in range(len(cache.keys)):
+            for past, present, array in ((self._past_key_names, self._present_key_names, cache.keys[layer]),
+                                         (self._past_value_names, self._present_value_names, cache.values[layer])):
+                binding.bind_input(past[layer], "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+                _bind_output(binding, present[layer], array)
+        _bind_output(binding, "logits", self._logits)
+        self._bound_cache = (cache, cache.generation)
 
     def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:
         """Run the prompt tokens the cache does not hold yet (all of them for a fresh cache)."""
