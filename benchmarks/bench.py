@@ -7,7 +7,9 @@ Every system runs in its own worker process (clean peak RSS, no shared thread po
 other in the same invocation, on the same generated images and query, with a fixed output length.
 Reported: medians and p90 over the runs after warm-up; time to first token of a follow-up query on
 the same images; decode bandwidth (weight bytes read per token / time per token) against the read
-bandwidth measured here with all threads.
+bandwidth measured with all threads just before and just after each timed run (this host's bandwidth
+drifts between two states minutes apart, about 35 and 64 GB/s, so a ratio is only meaningful between
+measurements taken at the same time).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class SystemResult:
     decode_bandwidth_gbs: float
     prompt_tokens: int
     size_mb: float
+    # [before, after] each timed run, and the median over runs of the run's decode bandwidth divided by
+    # the mean of its two reads.
+    read_bandwidth_around_runs_gbs: list[list[float]]
+    decode_bandwidth_fraction: float
     extra: dict = field(default_factory=dict)
 
 
@@ -98,6 +104,36 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 1024, repeats: int = 7) ->
     return best
 
 
+def read_bandwidth_now(threads: int) -> float:
+    """read_bandwidth_gbs in a child process: its buffer stays out of the measured system's peak RSS, and
+    the system's own threads are idle (past their spin-wait) while it reads."""
+    done = subprocess.run([sys.executable, "-m", "gemvg.benchmarks.bench", "--read-bandwidth", str(threads)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+class BandwidthAroundRuns:
+    """The read bandwidth just before and just after each timed run's first query."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pairs: list[list[float]] = []
+        self._before = 0.0
+
+    def before(self) -> None:
+        self._before = read_bandwidth_now(self.threads)
+
+    def after(self) -> None:
+        self.pairs.append([self._before, read_bandwidth_now(self.threads)])
+
+    def fraction(self, weight_bytes: int, decode_ms_per_token: list[float]) -> float:
+        """Median over runs of the run's decode bandwidth divided by the mean of the reads around it."""
+        if len(decode_ms_per_token) != len(self.pairs):
+            raise ValueError(f"{len(decode_ms_per_token)} decode timings for {len(self.pairs)} bandwidth pairs")
+        return float(np.median([weight_bytes / (ms / 1e3) / 1e9 / ((before + after) / 2)
+                                for ms, (before, after) in zip(decode_ms_per_token, self.pairs)]))
+
+
 # -- workers ---------------------------------------------------------------------------------------
 
 
@@ -111,10 +147,16 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     samples["load"] = load_ms
     prompt_tokens = 0
+    around = BandwidthAroundRuns(workload.threads)
     for run in range(workload.warmup + workload.runs):
         engine.reset()
+        timed = run >= workload.warmup
+        if timed:
+            around.before()
         first = engine.ground(images, QUERY, mode=MODE, max_new_tokens=workload.new_tokens,
                               min_new_tokens=workload.new_tokens)
+        if timed:
+            around.after()
         follow = engine.ground(images, FOLLOW_UP, mode=MODE, max_new_tokens=workload.new_tokens,
                                min_new_tokens=workload.new_tokens)
         if run < workload.warmup:
@@ -129,7 +171,8 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
     per_token_s = stages["decode_per_token"]["median"] / 1e3
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
     return SystemResult(f"gemvg {_label(manifest)}", stages, peak_rss_mb(), weight_bytes,
-                        weight_bytes / per_token_s / 1e9, prompt_tokens, size / 1e6,
+                        weight_bytes / per_token_s / 1e9, prompt_tokens, size / 1e6, around.pairs,
+                        around.fraction(weight_bytes, samples["decode_per_token"]),
                         {"follow_up_reused_tokens": follow.reused_prefix_tokens})
 
 
@@ -207,8 +250,12 @@ def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> System
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     samples["load"] = [load_ms]
     n = workload.new_tokens
+    around = BandwidthAroundRuns(workload.threads)
     with torch.no_grad():
         for run in range(workload.warmup + workload.runs):
+            timed = run >= workload.warmup
+            if timed:
+                around.before()
             clock = time.perf_counter()
             inputs = prepare(QUERY)
             preprocess = (time.perf_counter() - clock) * 1e3
@@ -217,6 +264,8 @@ def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> System
             started = time.perf_counter()
             model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n)
             done = time.perf_counter()
+            if timed:
+                around.after()
             vision_start, vision_end = stamps["vision"][:2]
             first_token = (stamps["forward"][1] - started) * 1e3  # the first forward: vision + prefill
             clock = time.perf_counter()
@@ -241,7 +290,8 @@ def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> System
     size = sum(f.stat().st_size for f in checkpoint.iterdir() if f.is_file())
     return SystemResult("transformers fp32", stages, peak_rss_mb(), text_params,
                         text_params / (stages["decode_per_token"]["median"] / 1e3) / 1e9,
-                        int(inputs["input_ids"].shape[1]), size / 1e6)
+                        int(inputs["input_ids"].shape[1]), size / 1e6, around.pairs,
+                        around.fraction(text_params, samples["decode_per_token"]))
 
 
 def worker(spec: dict) -> dict:
@@ -273,27 +323,29 @@ def run_worker(spec: dict) -> dict:
 # -- report ----------------------------------------------------------------------------------------
 
 
-def markdown_table(results: list[dict], bandwidth: float, workload: Workload) -> str:
+def markdown_table(results: list[dict], workload: Workload) -> str:
     lines = [
         f"Workload: {workload.images} images of {workload.image_size}x{workload.image_size}, "
         f"{results[0]['prompt_tokens']} prompt tokens, {workload.new_tokens} new tokens, {workload.threads} threads; "
         f"medians of {workload.runs} runs after {workload.warmup} warm-up (p90 in brackets). "
-        f"Measured read bandwidth: {bandwidth:.1f} GB/s.",
+        "Decode bandwidth is weight bytes per token / time per token; its percentage is of the read bandwidth "
+        "measured just before and after each run (median over runs), the read bandwidth column shows those reads.",
         "",
         "| system | end to end | time to first token | vision | prefill | decode / token | follow-up TTFT | "
-        "load | decode GB/s (% of read bw) | peak RSS | size |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "load | decode GB/s (% of read bw) | read bw around runs | peak RSS | size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = results[0]["stages_ms"]["total"]["median"]
     for result in results:
         s = result["stages_ms"]
         cell = lambda k: f"{s[k]['median']:.0f} ms ({s[k]['p90']:.0f})" if k in s else "-"  # noqa: E731
         ratio = base / s["total"]["median"]
+        reads = " ".join(f"{a:.0f}/{b:.0f}" for a, b in result["read_bandwidth_around_runs_gbs"])
         lines.append(
             f"| {result['name']} | {s['total']['median'] / 1e3:.2f} s ({ratio:.2f}x) | {cell('time_to_first_token')} | "
             f"{cell('vision')} | {cell('prefill')} | {s['decode_per_token']['median']:.1f} ms | "
             f"{cell('follow_up_ttft')} | {s['load']['median']:.0f} ms | {result['decode_bandwidth_gbs']:.1f} "
-            f"({100 * result['decode_bandwidth_gbs'] / bandwidth:.0f}%) | {result['peak_rss_mb']:.0f} MB | "
+            f"({100 * result['decode_bandwidth_fraction']:.0f}%) | {reads} GB/s | {result['peak_rss_mb']:.0f} MB | "
             f"{result['size_mb']:.0f} MB |")
     return "\n".join(lines)
 
@@ -336,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default in asdict(Workload()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--read-bandwidth", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     return parser
 
 
@@ -343,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.read_bandwidth:
+        print(read_bandwidth_gbs(args.read_bandwidth))
         return 0
     if args.make_model:
         from gemvg.export.checkpoints import make_checkpoint
@@ -365,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for b in args.baseline for k in (("ortgenai-fp32", "ortgenai-int4") if b == "ortgenai" else (b,))]
     specs = [{"kind": k, "path": args.checkpoint} for k in kinds] + [{"kind": "gemvg", "path": b} for b in args.bundle]
     results = []
-    # A shared machine's bandwidth drifts: it is measured before the first system and after each one, and
-    # the median of those measurements is what decode bandwidth is compared with.
+    # Also measured between systems, for the record (each system's percentage uses the reads around its runs).
     bandwidths = [read_bandwidth_gbs(workload.threads)]
     for spec in specs:
         print(f"[gemvg bench] measuring {spec['kind']} {spec['path']} ...", file=sys.stderr, flush=True)
@@ -378,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         bandwidths.append(read_bandwidth_gbs(workload.threads))
     bandwidth = float(np.median(bandwidths))
-    table = markdown_table(results, bandwidth, workload)
-    table += (f"\n\nRead bandwidth measured {len(bandwidths)} times (before the first system and after each): "
-              f"{', '.join(f'{b:.1f}' for b in bandwidths)} GB/s; the median, {bandwidth:.1f} GB/s, is the reference.")
+    table = markdown_table(results, workload)
+    table += (f"\n\nRead bandwidth measured between systems (before the first and after each): "
+              f"{', '.join(f'{b:.1f}' for b in bandwidths)} GB/s (median {bandwidth:.1f} GB/s).")
     (out / "results.json").write_text(json.dumps({"workload": asdict(workload), "read_bandwidth_gbs": bandwidth,
                                                   "read_bandwidth_samples_gbs": bandwidths,
                                                   "systems": results}, indent=2))

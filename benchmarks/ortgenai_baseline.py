@@ -340,7 +340,7 @@ def bench_ortgenai(checkpoint: Path, images: list[Path], workload, precision: st
     from gemvg.runtime.grounding import build_instruction
 
     from . import bench
-    from .bench import FOLLOW_UP, QUERY, STAGES, SystemResult, peak_rss_mb, summarize
+    from .bench import FOLLOW_UP, QUERY, STAGES, BandwidthAroundRuns, SystemResult, peak_rss_mb, summarize
 
     og = require_ortgenai()
     model_dir = build_ortgenai_model(checkpoint, precision, cache_dir)
@@ -359,7 +359,11 @@ def bench_ortgenai(checkpoint: Path, images: list[Path], workload, precision: st
         vl = OrtGenaiVL(model_dir, workload.threads, profile_vision=str(profile_dir / "vision"))
         samples["load"].append((time.perf_counter() - start) * 1e3)
         prompt_tokens = 0
+        around = BandwidthAroundRuns(workload.threads)
         for run in range(workload.warmup + workload.runs):
+            timed = run >= workload.warmup
+            if timed:
+                around.before()
             # First query: n tokens, no early stop.
             clock = time.perf_counter()
             inputs = vl.inputs(first_text, images)
@@ -373,6 +377,8 @@ def bench_ortgenai(checkpoint: Path, images: list[Path], workload, precision: st
             for _ in range(n - 1):
                 generator.generate_next_token()
             full = (time.perf_counter() - clock) * 1e3
+            if timed:
+                around.after()
             prompt_tokens = len(ids)
             # Follow-up, as ORT GenAI offers it: a new generator, the images processed again.
             clock = time.perf_counter()
@@ -423,7 +429,7 @@ def bench_ortgenai(checkpoint: Path, images: list[Path], workload, precision: st
     per_token_s = stages["decode_per_token"]["median"] / 1e3
     return SystemResult(
         f"ORT GenAI {og.__version__} {precision}", stages, peak, weight_bytes, weight_bytes / per_token_s / 1e9,
-        prompt_tokens, size / 1e6,
+        prompt_tokens, size / 1e6, around.pairs, around.fraction(weight_bytes, samples["decode_per_token"]),
         {"model_dir": str(model_dir), "vision_runs_per_query": per_query,
          "rewind_follow_up_ttft_ms": summarize({"r": rewind_ms})["r"],
          "rewind_first_token_matches_fresh": all(rewind_matches)})
