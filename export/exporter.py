@@ -204,7 +204,7 @@ def load_model(model_dir: Path, family: str):
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                dynamic_shapes, opset: int) -> None:
+                dynamic_shapes, opset: int, custom_translation_table: dict | None = None) -> None:
     import torch
 
     # torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here.
@@ -213,7 +213,8 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
-                                    optimize=True, external_data=False)
+                                    optimize=True, external_data=False,
+                                    custom_translation_table=custom_translation_table)
         program.save(str(path), external_data=_needs_external_data(module))
 
 
@@ -242,12 +243,15 @@ def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] |
 
 
 def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, out: Path, opset: int,
-                  max_context: int, progress: Callable[[str], None]) -> dict[str, tuple[list[str], list[str]]]:
+                  max_context: int, progress: Callable[[str], None],
+                  target: str = "onnxruntime") -> dict[str, tuple[list[str], list[str]]]:
+    """vision.onnx, embed.onnx and decoder.onnx in `out`. For onnxruntime the vision rotary is ONNX
+    Runtime's fused RotaryEmbedding; for tensorrt standard ops only (its parser takes the graph whole)."""
     import torch
     from torch.export import Dim
 
     from .decoder_builder import build_decoder
-    from .graphs import TokenEmbedding, VisionEncoder
+    from .graphs import TokenEmbedding, VisionEncoder, rotary_translation
 
     names: dict[str, tuple[list[str], list[str]]] = {}
     inner = model.model
@@ -256,7 +260,12 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
 
     started = time.perf_counter()
     progress("exporting vision encoder (1/3)")
-    encoder = VisionEncoder(inner.visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes).eval()
+    fused_rotary = target == "onnxruntime"
+    encoder = VisionEncoder(inner.visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes,
+                            fused_rotary).eval()
+    heads = inner.visual.blocks[0].attn.num_heads
+    translations = ({torch.ops.gemvg.vision_rotary.default: rotary_translation(heads, vision.hidden_size // heads)}
+                    if fused_rotary else None)
     example, vision_inputs = vision_example(vision, patch_dim)
     n = Dim("patches", min=4, max=1 << 20)
     windows, longest = Dim("windows", min=1, max=1 << 20), Dim("window_len", min=1, max=1 << 20)
@@ -264,7 +273,7 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
               "window_gather": {0: windows, 1: longest}, "window_bias": {0: windows, 3: longest},
               "window_scatter": {0: n}}
     export_onnx(encoder, tuple(torch.from_numpy(example[name]) for name in vision_inputs), out / "vision.onnx",
-                vision_inputs, ["image_features"], tuple(shapes[name] for name in vision_inputs), opset)
+                vision_inputs, ["image_features"], tuple(shapes[name] for name in vision_inputs), opset, translations)
     names["vision"] = (vision_inputs, ["image_features"])
     progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s)")
 
@@ -286,8 +295,9 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
-                  progress: Callable[[str], None] = log) -> Manifest:
-    """Export a checkpoint to a bundle folder and (by default) verify it against PyTorch."""
+                  progress: Callable[[str], None] = log, build_tensorrt: bool = True) -> Manifest:
+    """Export a checkpoint to a bundle folder and (by default) verify it against PyTorch. With target
+    tensorrt the graphs are written for it and, unless build_tensorrt is False, its engines built."""
     options = options or ExportOptions()
     if options.target not in TARGETS:
         raise ExportError(f"unknown target {options.target!r}; expected {', '.join(TARGETS)}")
@@ -316,7 +326,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 
     out.mkdir(parents=True, exist_ok=True)
     max_context = options.max_context or text.max_position_embeddings
-    names = export_graphs(model, family, text, vision, out, options.opset, max_context, progress)
+    names = export_graphs(model, family, text, vision, out, options.opset, max_context, progress, options.target)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
     max_patches = options.max_patches_per_image or preprocess.max_pixels // (preprocess.patch_size ** 2)
@@ -344,7 +354,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         if report.max_abs_logit_diff > LOGITS_TOLERANCE:
             raise ExportError(f"bundle does not match PyTorch: max abs logit difference "
                               f"{report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
-    if options.target == "tensorrt":
+    if options.target == "tensorrt" and build_tensorrt:
         from .tensorrt import build_engines
 
         manifest = build_engines(out, manifest, progress)
@@ -368,8 +378,8 @@ def _export_quantized(model_dir, out: Path, options: ExportOptions, progress: Ca
             raise ExportError(f"checkpoint not found: {model_dir} is not a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}-fp32-", dir=out.parent) as temp:
-            fp32 = replace(options, precision="fp32", target="onnxruntime", fp32_bundle=None)
-            export_bundle(model_dir, temp, fp32, progress)
+            fp32 = replace(options, precision="fp32", fp32_bundle=None)  # graphs for the same target
+            export_bundle(model_dir, temp, fp32, progress, build_tensorrt=False)
             manifest = quantize_bundle(temp, out, quantize, progress)
     if options.target == "tensorrt":
         from .tensorrt import build_engines

@@ -87,15 +87,13 @@ def masked_full_encoder(encoder, pixel_values, cos, sin, ids):
     """The replaced formulation: windowed blocks attend over every patch under a -inf mask."""
     import torch
 
-    from gemvg.export.graphs import VisionEncoder
-
     visual = encoder.visual
     mask = torch.where(ids[None] == ids[:, None], 0.0, float("-inf"))
     hidden = visual.patch_embed(pixel_values)
     for index, block in enumerate(visual.blocks):
         attn, x = block.attn, block.norm1(hidden)
-        q, k, v = (t.transpose(0, 1) for t in VisionEncoder.qkv(block, x, cos, sin))
-        out = VisionEncoder.core(attn, q, k, v, None if index in encoder.full_blocks else mask)
+        q, k, v = (t.transpose(0, 1) for t in encoder.qkv(block, x, cos, sin))
+        out = encoder.core(attn, q, k, v, None if index in encoder.full_blocks else mask)
         hidden = hidden + attn.proj(out.transpose(0, 1).reshape(x.shape[0], -1))
         hidden = hidden + block.mlp(block.norm2(hidden))
     return visual.merger(hidden)
@@ -168,3 +166,30 @@ def test_engine_feeds_the_window_layout_and_refuses_an_old_window_ids_graph(tiny
     qwen2 = Engine.load(tiny_bundles["qwen2_vl"])
     inputs, restore_order = qwen2.vision_inputs(qwen2.preprocess([image_files["large.jpg"]])[0])
     assert set(inputs) == {"pixel_values", "rotary_cos", "rotary_sin"} and restore_order is None
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_rotary_fused_for_onnxruntime_standard_for_tensorrt(tiny_checkpoints, family, tmp_path):
+    """The onnxruntime vision graph writes the rotary as RotaryEmbedding nodes; the tensorrt one keeps
+    standard ops only; both compute the same features."""
+    import onnxruntime as ort
+
+    from gemvg.export.exporter import export_graphs, load_model, text_and_vision_configs, vision_example
+    from gemvg.export.tensorrt import contrib_ops
+
+    checkpoint = tiny_checkpoints[family]
+    model = load_model(checkpoint, family)
+    text, vision = text_and_vision_configs(family, model.config)
+    outputs = {}
+    for target in ("onnxruntime", "tensorrt"):
+        out = tmp_path / target
+        out.mkdir()
+        export_graphs(model, family, text, vision, out, 18, 64, lambda message: None, target)
+        graph = out / "vision.onnx"
+        assert contrib_ops(graph) == (["RotaryEmbedding"] if target == "onnxruntime" else [])
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        patch_dim = model.model.visual.patch_embed.in_channels * model.model.visual.patch_embed.temporal_patch_size \
+            * model.model.visual.patch_embed.patch_size ** 2
+        feeds, names = vision_example(vision, patch_dim, grid=(12, 20), seed=3)
+        outputs[target] = session.run(None, {name: feeds[name] for name in names})[0]
+    np.testing.assert_allclose(outputs["onnxruntime"], outputs["tensorrt"], atol=1e-5)
