@@ -263,8 +263,7 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
     fused_rotary = target == "onnxruntime"
     encoder = VisionEncoder(inner.visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes,
                             fused_rotary).eval()
-    heads = inner.visual.blocks[0].attn.num_heads
-    translations = ({torch.ops.gemvg.vision_rotary.default: rotary_translation(heads, vision.hidden_size // heads)}
+    translations = ({torch.ops.gemvg.vision_rotary.default: rotary_translation(vision.num_heads, vision.head_dim)}
                     if fused_rotary else None)
     example, vision_inputs = vision_example(vision, patch_dim)
     n = Dim("patches", min=4, max=1 << 20)

@@ -7,8 +7,8 @@
 * TokenEmbedding: ids -> embeddings.
 
 For ONNX Runtime targets the vision rotary is one com.microsoft RotaryEmbedding node per q and k
-(`fused_rotary`): HF's q * cos + rotate_half(q) * sin is seven small nodes each, about a tenth of an
-INT8 image encode here. TensorRT targets keep the standard ops, which its parser takes whole.
+(`fused_rotary`) instead of HF's q * cos + rotate_half(q) * sin, seven small memory-bound nodes each.
+TensorRT targets keep the standard ops, which its parser takes whole.
 
 The text decoder is not traced: export/decoder_builder.py writes it with ONNX Runtime's fused ops.
 Each forward here calls the HF submodules (linears, norms, MLPs) and spells out only what HF does
