@@ -320,13 +320,17 @@ class Engine:
                 embeds[0, span_start - start:span_end - start] = image_features
         return embeds
 
-    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
-        """The decoder's inputs for `embeds` following the cache's filled prefix."""
+    def step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
+        """The decoder's inputs other than the cache buffers, for `embeds` following the cache's filled prefix."""
         total = cache.length + embeds.shape[1]
         if total > cache.capacity:
             raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
-        feeds = {"inputs_embeds": embeds, "position_ids": positions,
-                 "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
+        return {"inputs_embeds": embeds, "position_ids": positions,
+                "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
+
+    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
+        """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
+        feeds = self.step_feeds(embeds, positions, cache)
         for layer in range(len(cache.keys)):
             feeds[self._past_key_names[layer]] = cache.keys[layer]
             feeds[self._past_value_names[layer]] = cache.values[layer]
@@ -342,15 +346,11 @@ class Engine:
         step); a step binds only its embeddings and positions.
         """
         binding = self._binding
-        total = cache.length + embeds.shape[1]
-        if total > cache.capacity:
-            raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
+        feeds = self.step_feeds(embeds, positions, cache)
         if self._bound_cache is None or self._bound_cache[0] is not cache or self._bound_cache[1] != cache.generation:
             self._bind_cache(cache)
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("position_ids", positions)
-        binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.asarray(total, np.int32))
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         self.decoder.run_with_iobinding(binding)
         cache.length += embeds.shape[1]
         return self._logits[0, -1]
