@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int4/int8w: at most this fraction of the decoder's weights may get 8 bits (int4) or "
                             "stay float (int8w) to meet the target cosine; 0 = every MatMul at the precision's "
                             "bits, as ORT GenAI's int4")
+    quant.add_argument("--step-decoder", choices=["int8w", "int4"],
+                       help="int8: also write a weight-only decoder (MatMulNBits, --block-size) that the engine "
+                            "uses for one-token decode steps; static INT8 stays for prompts (faster per token, "
+                            "one more decoder in the bundle)")
     quant.add_argument("--fp32-bundle", metavar="DIR",
                        help="quantize this fp32 bundle instead of exporting --model (its limits are kept)")
     parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                             calibration=args.calibration, calibration_method=args.calibration_method,
                             calibration_samples=args.calibration_samples, block_size=args.block_size,
                             accuracy_level=args.accuracy_level, target_cosine=args.target_cosine,
-                            upgrade_budget=args.upgrade_budget,
+                            upgrade_budget=args.upgrade_budget, step_decoder=args.step_decoder,
                             fp32_bundle=args.fp32_bundle, target=args.target)
     try:
         manifest = export_bundle(args.model, args.out, options)

@@ -58,6 +58,7 @@ class ExportOptions:
     accuracy_level: int = 4
     target_cosine: float | None = None  # default by precision (gemvg.export.quantize.DEFAULT_TARGETS)
     upgrade_budget: float = UPGRADE_BUDGET  # weight-only: fraction of weights that may get 8 bits (int4) / stay float
+    step_decoder: str | None = None  # int8: int8w | int4 weight-only decoder for one-token steps
     fp32_bundle: str | Path | None = None  # quantize this fp32 bundle instead of exporting the checkpoint
     target: str = "onnxruntime"  # onnxruntime | tensorrt (also builds TensorRT engines)
 
@@ -68,7 +69,7 @@ class ExportOptions:
                                calibration=self.calibration, calibration_method=self.calibration_method,
                                calibration_samples=self.calibration_samples, block_size=self.block_size,
                                accuracy_level=self.accuracy_level, target_cosine=self.target_cosine,
-                               upgrade_budget=self.upgrade_budget)
+                               upgrade_budget=self.upgrade_budget, step_decoder=self.step_decoder)
 
 
 def log(message: str) -> None:

@@ -3,7 +3,8 @@
 Per request (none of them used for calibration):
 * vision: cosine and max abs difference of each image's features (same pixels in, both encoders);
 * decoder: last-position logits of the prefill with identical fp32 embeddings in (the decoder alone),
-  and greedy-token agreement when both decoders are fed the fp32 model's greedy tokens;
+  and greedy-token agreement when both decoders are fed the fp32 model's greedy tokens (one-token
+  steps run on the step decoder when the bundle has one, as in the engine);
 * end to end: the quantized vision feeding the quantized decoder against fp32 throughout: last-position
   logits, and how many free-running greedy tokens equal fp32's;
 and the file sizes of every graph, the bundle totals and the reduction ratio.
@@ -52,6 +53,8 @@ def _sizes(fp32_dir: Path, quant_dir: Path) -> dict:
     for name in ("vision_graph", "embed_graph", "decoder_graph", "tokenizer"):
         a, b = size(fp32_dir, getattr(fp32, name)), size(quant_dir, getattr(quant, name))
         graphs[name.replace("_graph", "")] = {"fp32_bytes": a, "bytes": b, "ratio": round(b / a, 4)}
+    if quant.step_decoder_graph:  # no fp32 counterpart: it adds to the bundle
+        graphs["step_decoder"] = {"fp32_bytes": 0, "bytes": size(quant_dir, quant.step_decoder_graph), "ratio": None}
     total_fp32 = sum(g["fp32_bytes"] for g in graphs.values())
     total = sum(g["bytes"] for g in graphs.values())
     return {"files": graphs, "fp32_bytes": total_fp32, "bytes": total, "ratio": round(total / total_fp32, 4)}
@@ -110,7 +113,9 @@ def build_report(fp32_dir: str | Path, quant_dir: str | Path, samples, new_token
     return {
         "precision": manifest.precision,
         "graphs": {"vision": manifest.vision_graph.precision, "embed": manifest.embed_graph.precision,
-                   "decoder": manifest.decoder_graph.precision},
+                   "decoder": manifest.decoder_graph.precision,
+                   # one-token steps (token agreement, free-running greedy) run on this graph when present
+                   **({"step_decoder": manifest.step_decoder_graph.precision} if manifest.step_decoder_graph else {})},
         "held_back_requests": [row["request"] for row in rows],
         "new_tokens": new_tokens,
         "vision": {"cosine_min": stat("vision_cosine", min), "cosine_mean": stat("vision_cosine", np.mean),
@@ -141,7 +146,8 @@ def format_report(report: dict) -> str:
     graphs = report["graphs"]
     lines = [
         f"quantization report ({report['precision']}: vision {graphs['vision']}, decoder {graphs['decoder']}, "
-        f"embed {graphs['embed']}) on {len(report['held_back_requests'])} held-back requests",
+        + (f"decode steps {graphs['step_decoder']}, " if "step_decoder" in graphs else "")
+        + f"embed {graphs['embed']}) on {len(report['held_back_requests'])} held-back requests",
         f"  vision      cosine min {vision['cosine_min']:.5f} mean {vision['cosine_mean']:.5f}, "
         f"max abs diff {vision['max_abs_diff']:.4g}",
         f"  decoder     logits cosine min {decoder['logits_cosine_min']:.5f} mean {decoder['logits_cosine_mean']:.5f}, "
@@ -152,8 +158,8 @@ def format_report(report: dict) -> str:
         f"common prefix {e2e['greedy_common_prefix_mean']:.1f}/{report['new_tokens']}",
     ]
     for name, entry in sizes["files"].items():
-        lines.append(f"  {name:<10}  {entry['fp32_bytes'] / 1e6:9.2f} MB -> {entry['bytes'] / 1e6:9.2f} MB "
-                     f"({entry['ratio']:.3f}x)")
+        ratio = f"({entry['ratio']:.3f}x)" if entry["ratio"] is not None else "(added)"
+        lines.append(f"  {name:<10}  {entry['fp32_bytes'] / 1e6:9.2f} MB -> {entry['bytes'] / 1e6:9.2f} MB {ratio}")
     lines.append(f"  bundle      {sizes['fp32_bytes'] / 1e6:9.2f} MB -> {sizes['bytes'] / 1e6:9.2f} MB "
                  f"({sizes['ratio']:.3f}x)")
     return "\n".join(lines)

@@ -187,8 +187,11 @@ def _describe(error) -> str:
 
 
 def _graphs(manifest: Manifest) -> dict[str, str]:
-    return {"vision": manifest.vision_graph.path, "embed": manifest.embed_graph.path,
-            "decoder": manifest.decoder_graph.path}
+    graphs = {"vision": manifest.vision_graph.path, "embed": manifest.embed_graph.path,
+              "decoder": manifest.decoder_graph.path}
+    if manifest.step_decoder_graph:
+        graphs["step_decoder"] = manifest.step_decoder_graph.path
+    return graphs
 
 
 def build_engines(bundle_dir: str | Path, manifest: Manifest, progress: Callable[[str], None],

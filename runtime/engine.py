@@ -196,6 +196,14 @@ def session_providers(providers: list[str], bundle: Path, manifest: Manifest, gr
             for p in providers]
 
 
+@dataclass
+class _BoundSession:
+    """A decoder session, its IO binding, and the cache (with its generation) whose buffers are bound."""
+    session: ort.InferenceSession
+    binding: ort.IOBinding
+    cache: tuple[KVCache, int] | None = None
+
+
 class Engine:
     def __init__(self, bundle_dir: Path, manifest: Manifest, sessions: dict[str, ort.InferenceSession],
                  tokenizer: Tokenizer, load_ms: float):
@@ -204,6 +212,7 @@ class Engine:
         self.vision = sessions["vision"]
         self.embed = sessions["embed"]
         self.decoder = sessions["decoder"]
+        self.step_decoder = sessions.get("step_decoder", self.decoder)  # one-token passes
         self.tokenizer = tokenizer
         self.load_ms = load_ms
         self.eos = set(manifest.tokens.eos)
@@ -220,8 +229,8 @@ class Engine:
             raise BundleError(f"{bundle_dir}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
         self._vision_inputs = {i.name for i in self.vision.get_inputs()}
         # Reused across steps and requests: no per-token allocation in the decode loop.
-        self._binding = self.decoder.io_binding()
-        self._bound_cache: tuple[KVCache, int] | None = None  # the cache (and its generation) bound now
+        self._passes = {session: _BoundSession(session, session.io_binding())
+                        for session in dict.fromkeys((self.decoder, self.step_decoder))}
         self._logits = np.zeros((1, 1, manifest.text.vocab_size), np.float32)
         self._token = np.zeros((1, 1), np.int64)
         self._position = np.zeros((3, 1, 1), np.int64)
@@ -239,11 +248,12 @@ class Engine:
         options = _session_options(threads)
         if "TensorrtExecutionProvider" in providers:
             (bundle / TENSORRT_CACHE_DIR).mkdir(exist_ok=True)
+        graphs = [("vision", manifest.vision_graph), ("embed", manifest.embed_graph),
+                  ("decoder", manifest.decoder_graph), ("step_decoder", manifest.step_decoder_graph)]
         sessions = {
             name: ort.InferenceSession(str(bundle / graph.path), options,
                                        providers=session_providers(providers, bundle, manifest, name))
-            for name, graph in (("vision", manifest.vision_graph), ("embed", manifest.embed_graph),
-                                ("decoder", manifest.decoder_graph))
+            for name, graph in graphs if graph is not None
         }
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
         return cls(bundle, manifest, sessions, tokenizer, (time.perf_counter() - start) * 1e3)
@@ -343,29 +353,30 @@ class Engine:
         The cache buffers are bound as both past inputs and present outputs (the attention op writes the
         new positions in place), and the logits go to a reused buffer: a step allocates no arrays. Those
         bindings are made once per cache (its 4 x layers buffers cost about 0.25 ms to bind, 2% of an int4
-        step); a step binds only its embeddings and positions.
+        step); a step binds only its embeddings and positions. One-token passes run on the bundle's step
+        decoder when it has one (a weight-only graph; prompts stay on the static-INT8 one).
         """
-        binding = self._binding
         feeds = self.step_feeds(embeds, positions, cache)
-        if self._bound_cache is None or self._bound_cache[0] is not cache or self._bound_cache[1] != cache.generation:
-            self._bind_cache(cache)
+        bound = self._passes[self.step_decoder if embeds.shape[1] == 1 else self.decoder]
+        if bound.cache is None or bound.cache[0] is not cache or bound.cache[1] != cache.generation:
+            self._bind_cache(bound, cache)
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        self.decoder.run_with_iobinding(binding)
+            bound.binding.bind_cpu_input(name, value)
+        bound.session.run_with_iobinding(bound.binding)
         cache.length += embeds.shape[1]
         return self._logits[0, -1]
 
-    def _bind_cache(self, cache: KVCache) -> None:
+    def _bind_cache(self, bound: "_BoundSession", cache: KVCache) -> None:
         """Bind the cache's buffers (by address: ONNX Runtime reads and writes them in place) and the logits.
         The binding keeps a reference to the cache, so the buffers outlive it."""
-        binding = self._binding
+        binding = bound.binding
         for layer in range(len(cache.keys)):
             for past, present, array in ((self._past_key_names, self._present_key_names, cache.keys[layer]),
                                          (self._past_value_names, self._present_value_names, cache.values[layer])):
                 binding.bind_input(past[layer], "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
                 _bind_output(binding, present[layer], array)
         _bind_output(binding, "logits", self._logits)
-        self._bound_cache = (cache, cache.generation)
+        bound.cache = (cache, cache.generation)
 
     def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:
         """Run the prompt tokens the cache does not hold yet (all of them for a fresh cache)."""

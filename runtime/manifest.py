@@ -100,11 +100,15 @@ class Manifest:
     embed_graph: GraphFile
     decoder_graph: GraphFile
     tokenizer: GraphFile
+    # Optional: a decoder with decoder_graph's inputs and outputs that the engine uses for one-token steps
+    # (a weight-only graph reads fewer bytes per token than a static-INT8 one, which is faster on prompts).
+    step_decoder_graph: GraphFile | None = None
     source: dict = field(default_factory=dict)  # where the bundle came from: checkpoint, tool versions
     extra: dict = field(default_factory=dict)  # per-precision records (quantization choices, reports)
 
     def files(self) -> list[GraphFile]:
-        return [self.vision_graph, self.embed_graph, self.decoder_graph, self.tokenizer]
+        graphs = [self.vision_graph, self.embed_graph, self.decoder_graph, self.tokenizer]
+        return graphs + ([self.step_decoder_graph] if self.step_decoder_graph else [])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -175,6 +179,8 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
             embed_graph=_build(GraphFile, data["embed_graph"], "embed_graph"),
             decoder_graph=_build(GraphFile, data["decoder_graph"], "decoder_graph"),
             tokenizer=_build(GraphFile, data["tokenizer"], "tokenizer"),
+            step_decoder_graph=(_build(GraphFile, data["step_decoder_graph"], "step_decoder_graph")
+                                if data.get("step_decoder_graph") else None),
             source=data.get("source", {}),
             extra=data.get("extra", {}),
         )

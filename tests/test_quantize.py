@@ -217,6 +217,57 @@ def test_zero_upgrade_budget_gives_every_matmul_4_bits(linear_heavy, tmp_path):
     assert 0 < record["final"]["cosine"] == record["all_quantized"]["cosine"] < 1
 
 
+def test_int8_step_decoder_takes_the_one_token_passes(linear_heavy, calib_file, image_files, tmp_path):
+    out = tmp_path / "int8-step"
+    argv = ["--fp32-bundle", str(linear_heavy["fp32"]), "--out", str(out), "--precision", "int8", "--calibration",
+            str(calib_file), "--step-decoder", "int8w", "--upgrade-budget", "0", "--block-size", "64"]
+    assert export_main(argv) == 0
+    manifest = load_manifest(out)  # verifies the step graph's sha256 too
+    step = manifest.step_decoder_graph
+    assert step.path == "decoder_step.onnx" and step.precision == "int8w"
+    assert step.inputs == manifest.decoder_graph.inputs and step.outputs == manifest.decoder_graph.outputs
+    nodes = onnx.load(str(out / step.path)).graph.node
+    assert {a.name: a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute}["bits"] == 8
+    quantization = manifest.extra["quantization"]
+    assert quantization["step_decoder"]["final"]["cosine"] > 0.98
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["graphs"]["step_decoder"] == "int8w" and report["sizes"]["files"]["step_decoder"]["bytes"] > 0
+
+    engine = Engine.load(out)
+    assert engine.step_decoder is not engine.decoder
+    calls = {"decoder": 0, "step_decoder": 0}
+    for name in calls:
+        session = getattr(engine, name)
+        run = session.run_with_iobinding
+
+        def counted(binding, *rest, name=name, run=run):
+            calls[name] += 1
+            return run(binding, *rest)
+
+        session.run_with_iobinding = counted
+    images = [image_files["rgb.jpg"], image_files["gray.png"]]
+    engine.ground(images, QUERY, max_new_tokens=5, min_new_tokens=5)
+    assert calls == {"decoder": 1, "step_decoder": 4}  # the prompt on static INT8, every step on the step graph
+
+    # One step on either graph from the same cached prompt: the same logits, up to quantization.
+    inputs = engine.prepare(images, QUERY)
+    position = int(inputs.prompt.position_ids.max()) + 1
+    steps = {}
+    for name in ("decoder", "step_decoder"):
+        cache = engine.new_cache(len(inputs.prompt.input_ids) + 1)
+        engine.prefill(inputs.prompt, engine.encode_images(inputs.images), cache)
+        engine.step_decoder = getattr(engine, name)
+        steps[name] = engine.decode_one_token(7, position, cache).copy()
+    assert cosine(steps["decoder"], steps["step_decoder"]) > 0.98
+
+
+def test_step_decoder_needs_int8(linear_heavy, tmp_path, capsys):
+    argv = ["--fp32-bundle", str(linear_heavy["fp32"]), "--out", str(tmp_path / "x"), "--precision", "int4",
+            "--step-decoder", "int8w"]
+    assert export_main(argv) != 0
+    assert "--step-decoder goes with --precision int8" in capsys.readouterr().err
+
+
 # -- the sensitivity machinery -------------------------------------------------------------------
 
 
