@@ -370,7 +370,8 @@ def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluato
                   budget: float | None = None):
     """The sensitivity pass: measure the base graph, then each group upgraded on its own (what it gains
     is what its quantization costs), then upgrade the costliest groups one at a time until the output
-    cosine meets `target`, measuring after each.
+    cosine meets `target`, measuring after each. When the base graph meets `target` (or `budget` is 0),
+    no group is measured and the ranking is empty.
 
     With `sizes` (weights per group) and `budget` (a fraction of all of them), groups are ranked by gain
     per weight and the upgraded ones may hold at most that fraction: a 4-bit bundle stays mostly 4-bit
@@ -380,8 +381,12 @@ def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluato
     progress(f"{label}: everything quantized: cosine {base_cosine:.5f} (max abs diff {base_diff:.4g}, "
              f"target {target})")
     measured = []
-    # A zero budget upgrades nothing, so nothing is worth measuring group by group.
-    for index, (group, names) in enumerate(groups.items() if budget != 0 else (), start=1):
+    # Nothing is worth measuring group by group when nothing will be upgraded: a zero budget, or a fully
+    # quantized graph that already meets the target (that skips most of an int8 export's time).
+    measure = budget != 0 and base_cosine < target
+    if budget != 0 and not measure:
+        progress(f"{label}: the target is met with everything quantized; no group is measured")
+    for index, (group, names) in enumerate(groups.items() if measure else (), start=1):
         group_cosine, _ = evaluate(mixer.build(set(names)))
         entry = {"group": group, "nodes": names, f"cosine_with_group_{upgrade}": round(group_cosine, 6),
                  "cost": round(group_cosine - base_cosine, 6)}
@@ -418,7 +423,7 @@ def select_groups(mixer: Mixer, groups: dict[str, list[str]], evaluate: Evaluato
         "target_cosine": target,
         "target_met": current >= target,
         "all_quantized": {"cosine": round(base_cosine, 6), "max_abs_diff": round(base_diff, 6)},
-        "sensitivity": ranking,
+        "sensitivity": ranking,  # empty when nothing was measured (see the docstring)
         "steps": steps,
         "final": {"cosine": round(current, 6), "max_abs_diff": round(current_diff, 6)},
     }
@@ -641,7 +646,7 @@ def _weight_count(model, node_name: str) -> int:
 
 def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, accuracy_level: int,
                 eval_feeds: list[dict], target: float, progress: Callable[[str], None],
-                budget: float = UPGRADE_BUDGET) -> dict:
+                budget: float = UPGRADE_BUDGET, label: str = "decoder") -> dict:
     """Every MatMul with a constant weight (the lm_head included) -> MatMulNBits with `bits` per weight;
     the layer groups whose quantization costs most per weight get 8 bits (or stay float, for 8-bit)
     until the output cosine meets `target` on `eval_feeds`, within `budget` (a fraction) of the weights.
@@ -659,7 +664,7 @@ def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, acc
         raise QuantizeError(f"{fp32_path.name}: no MatMul with a constant weight to quantize")
     sizes = {group: sum(_weight_count(fp32, name) for name in names) for group, names in groups.items()}
     lm_head = set(groups.get("decoder.lm_head", []))
-    progress(f"decoder: weight-only {bits}-bit quantization of {len(weighted)} MatMul weights (block {block_size}, "
+    progress(f"{label}: weight-only {bits}-bit quantization of {len(weighted)} MatMul weights (block {block_size}, "
              f"accuracy level {accuracy_level})")
     base = _nbits(fp32_path, bits, block_size, accuracy_level)
     upgrade = "8-bit" if bits < 8 else "float"
@@ -670,16 +675,16 @@ def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, acc
     else:
         alternative = onnx.load(str(fp32_path))
     del fp32
-    progress(f"decoder: measuring against fp32 on {len(eval_feeds)} inputs")
+    progress(f"{label}: measuring against fp32 on {len(eval_feeds)} inputs")
     evaluate = Evaluator(eval_feeds)
     evaluate.set_reference(fp32_path)
-    model, upgraded, record = select_groups(Mixer(base, alternative), groups, evaluate, target, "decoder", upgrade,
+    model, upgraded, record = select_groups(Mixer(base, alternative), groups, evaluate, target, label, upgrade,
                                             progress, sizes, budget)
     save_graph(model, out_path)
     upgraded_nodes = [name for group in upgraded for name in groups[group]]
     counts = {f"{b}-bit": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and
                               any(a.name == "bits" and a.i == b for a in n.attribute)) for b in (4, 8)}
-    progress(f"decoder: {counts[f'{bits}-bit']} MatMuls {bits}-bit, {len(upgraded_nodes)} {upgrade} "
+    progress(f"{label}: {counts[f'{bits}-bit']} MatMuls {bits}-bit, {len(upgraded_nodes)} {upgrade} "
              f"({len(upgraded)} of {len(groups)} groups), cosine {record['final']['cosine']:.5f} "
              f"[{time.perf_counter() - started:.1f} s]")
     return {
@@ -767,11 +772,11 @@ def quantize_bundle(fp32_dir: str | Path, out_dir: str | Path, options: Quantize
                 fp32_dir / source.decoder_graph.path, out / source.decoder_graph.path, "decoder", *decoder_feeds,
                 options.calibration_method, options.target("decoder"), workdir, progress)
             if options.step_decoder:
-                progress(f"step decoder: {options.step_decoder} for one-token decode steps")
                 records["step_decoder"] = weight_only(
                     fp32_dir / source.decoder_graph.path, out / STEP_DECODER_FILE,
                     WEIGHT_ONLY_BITS[options.step_decoder], options.block_size, options.accuracy_level,
-                    decoder_feeds[1], options.target("step_decoder"), progress, options.upgrade_budget)
+                    decoder_feeds[1], options.target("step_decoder"), progress, options.upgrade_budget,
+                    label="step decoder")
         else:
             records["decoder"] = weight_only(fp32_dir / source.decoder_graph.path, out / source.decoder_graph.path,
                                              WEIGHT_ONLY_BITS[options.precision], options.block_size,

@@ -169,7 +169,10 @@ def test_int8_graphs_are_symmetric_qdq_with_measured_float_groups(linear_heavy):
             assert zero_point.dtype == np.int8 and not zero_point.any()
         entry = record[component]
         groups = node_groups(onnx.load(str(linear_heavy["fp32"] / graph)), component)
-        assert {e["group"] for e in entry["sensitivity"]} == set(groups)  # every group was measured
+        if entry["all_quantized"]["cosine"] < entry["target_cosine"]:  # every group was measured
+            assert {e["group"] for e in entry["sensitivity"]} == set(groups)
+        else:  # the fully quantized graph met the target: nothing to measure, nothing float
+            assert entry["sensitivity"] == [] and entry["float_nodes"] == []
         assert entry["final"]["cosine"] >= entry["target_cosine"]
         float_nodes = set(entry["float_nodes"])
         for node in model.graph.node:
@@ -285,6 +288,12 @@ def test_sensitivity_pass_keeps_the_costliest_groups_float(linear_heavy, calib_f
     assert record["float_groups"] and record["all_quantized"]["cosine"] < 0.99999 <= record["final"]["cosine"]
     steps = [step["cosine"] for step in record["steps"]]
     assert steps[-1] == record["final"]["cosine"] and len(steps) == len(record["float_groups"])
+
+    # A target the fully quantized graph already meets measures no group and keeps nothing float.
+    met = static_int8(path, tmp_path / "vision-int8-met.onnx", "vision", pipeline.vision(samples),
+                      pipeline.vision(samples), "minmax", 0.5, work, quiet)
+    assert met["all_quantized"]["cosine"] >= 0.5 and met["target_met"]
+    assert met["sensitivity"] == [] and met["float_groups"] == [] and met["steps"] == []
 
     # The vision MLP's gate and up projections were merged into one GEMM (same numbers).
     assert record["merged_siblings"] and all(len(nodes) == 2 for nodes in record["merged_siblings"].values())
