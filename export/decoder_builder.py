@@ -31,8 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gemvg.runtime.manifest import TextConfig
 
+from .onnx_files import save_graph
+
 OPSET = 17
-EXTERNAL_DATA_THRESHOLD = 1.8e9
 
 
 class GraphBuilder:
@@ -61,7 +62,7 @@ def _linear_weight(linear) -> np.ndarray:
 
 
 def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> tuple[list[str], list[str]]:
-    """Write decoder.onnx (+ decoder.onnx.data when large) for a Qwen2-VL / Qwen2.5-VL model.
+    """Write decoder.onnx (+ its weights, decoder.onnx.data) for a Qwen2-VL / Qwen2.5-VL model.
 
     M-RoPE positions never exceed a token's index, so rotary tables of `max_context` rows cover every
     request the bundle accepts."""
@@ -147,12 +148,7 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                          helper.make_opsetid("com.microsoft", 1)],
                                    producer_name="gemvg")
-    weight_bytes = sum(t.ByteSize() for t in g.initializers)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(onnx_model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(onnx_model, str(out_path))
+    save_graph(onnx_model, out_path)
     return [v.name for v in inputs], [v.name for v in outputs]
 
 

@@ -216,12 +216,7 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
                                     optimize=True, external_data=False,
                                     custom_translation_table=custom_translation_table)
-        program.save(str(path), external_data=_needs_external_data(module))
-
-
-def _needs_external_data(module) -> bool:
-    """Graphs over protobuf's 2 GB limit keep their weights in a side file."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+        program.save(str(path), external_data=True)  # weights in <name>.data: see onnx_files
 
 
 def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] | None = None,

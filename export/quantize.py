@@ -44,6 +44,8 @@ import numpy as np
 from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.manifest import GraphFile, Manifest, graph_file, load_manifest
 
+from .onnx_files import LARGE_GRAPH_BYTES, graph_bytes, save_graph, weights_file
+
 PRECISIONS = ("fp32", "int8", "int4", "int8w")
 STEP_DECODER_FILE = "decoder_step.onnx"
 WEIGHT_ONLY_BITS = {"int4": 4, "int8w": 8}
@@ -55,7 +57,6 @@ DEFAULT_TARGETS = {"int8": 0.99, "int8w": 0.99, "int4": 0.97}
 UPGRADE_BUDGET = 0.25
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("MatMul", "Gemm")  # Q/DQ on the inputs of these; their outputs stay float
-LARGE_GRAPH_BYTES = int(1.8e9)  # protobuf's 2 GB limit, with room: larger graphs use external data
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 FLOAT_BY_DESIGN = {
     "vision": "norms, softmax, rotary and activation functions: only MatMul/Gemm inputs are quantized",
@@ -181,20 +182,6 @@ def _session(model_or_path, threads: int | None = None):
         onnx.save_model(model_or_path, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def save_graph(model, path: Path) -> None:
-    """Write a graph; over protobuf's limit its weights go to `<name>.data` (the bundle's convention)."""
-    import onnx
-
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() < LARGE_GRAPH_BYTES:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
 
 
 # -- layer groups ----------------------------------------------------------------------------------
@@ -544,8 +531,8 @@ def prepare_graph(fp32_path: Path, workdir: Path) -> tuple[Path, dict[str, list[
     (onnx refuses symbolic and hard links to external data)."""
     import onnx
 
-    data = fp32_path.with_name(fp32_path.name + ".data")
-    large = data.exists()
+    data = weights_file(fp32_path)
+    large = graph_bytes(fp32_path) > LARGE_GRAPH_BYTES
     model = onnx.load(str(fp32_path), load_external_data=not large)
     merged = {} if large else merge_sibling_linears(model)
     if merged:
@@ -570,7 +557,7 @@ def static_int8(fp32_path: Path, out_path: Path, component: str, calibration_fee
     from .calibration import FeedReader
 
     started = time.perf_counter()
-    large = fp32_path.with_name(fp32_path.name + ".data").exists()
+    large = graph_bytes(fp32_path) > LARGE_GRAPH_BYTES
     prepared, merged = prepare_graph(fp32_path, workdir)
     fp32 = onnx.load(str(prepared))
     groups = node_groups(fp32, component)

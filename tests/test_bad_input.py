@@ -12,6 +12,7 @@ from PIL import Image
 from gemvg.runtime import Engine
 from gemvg.runtime.cli import main as gemvg
 from gemvg.runtime.errors import BundleError, ImageError, InputError, PromptTooLongError
+from gemvg.runtime.manifest import load_manifest
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -113,6 +114,24 @@ def test_bundle_with_altered_file(bundle_copy, image_files, capsys):
     code, err = run_cli(["ground", "--bundle", str(bundle_copy), "--image", str(image_files["rgb.jpg"]),
                          "--query", "q"], capsys)
     assert_one_line_error(code, err, "does not match its sha256")
+
+
+def test_bundle_with_altered_or_missing_weights(bundle_copy, image_files, capsys):
+    # Every graph keeps its weights beside it (memory-mapped by onnxruntime): they are checked too.
+    manifest = load_manifest(bundle_copy, verify=False)
+    for graph in (manifest.vision_graph, manifest.embed_graph, manifest.decoder_graph):
+        assert graph.data_path == graph.path + ".data" and graph.data_sha256
+        assert (bundle_copy / graph.data_path).stat().st_size > (bundle_copy / graph.path).stat().st_size
+    weights = bundle_copy / "embed.onnx.data"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight: without the check, silently wrong numbers
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="altered: embed.onnx.data"):
+        Engine.load(bundle_copy)
+    weights.unlink()
+    code, err = run_cli(["ground", "--bundle", str(bundle_copy), "--image", str(image_files["rgb.jpg"]),
+                         "--query", "q"], capsys)
+    assert_one_line_error(code, err, "embed.onnx.data is missing")
 
 
 def test_unknown_schema_version(bundle_copy, image_files, capsys):
