@@ -526,9 +526,9 @@ def merge_sibling_linears(model) -> dict[str, list[str]]:
 
 
 def prepare_graph(fp32_path: Path, workdir: Path) -> tuple[Path, dict[str, list[str]]]:
-    """The fp32 graph as quantize_static gets it, written to `workdir`: sibling linears merged (graphs
-    without external data) and every tensor typed. A large graph's external data is copied beside it
-    (onnx refuses symbolic and hard links to external data)."""
+    """The fp32 graph as quantize_static gets it, written to `workdir`: sibling linears merged and every
+    tensor typed. A graph under protobuf's limit is written whole; a larger one keeps its weights external
+    and unmerged, its data file copied beside it (onnx refuses symbolic and hard links to external data)."""
     import onnx
 
     data = weights_file(fp32_path)
