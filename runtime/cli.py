@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ground = commands.add_parser("ground", help="find every target of a query in one or more images")
     _add_request_args(ground)
     ground.add_argument("--max-new-tokens", type=int, default=256)
+    ground.add_argument("--jump-forward", action="store_true",
+                        help="feed the text the box syntax forces in one decoder pass (fewer passes per box)")
     ground.add_argument("--json", action="store_true", help="print the result as JSON")
     ground.add_argument("--draw", metavar="OUT.png", help="write the images tiled with their boxes")
 
@@ -80,7 +82,8 @@ def cmd_ground(args) -> int:
     if not args.image:
         raise InputError("no images: give at least one --image")
     engine = _engine(args)
-    result = engine.ground(args.image, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens)
+    result = engine.ground(args.image, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                           jump_forward=args.jump_forward)
     _print_result(result, args.json)
     if args.draw:
         _draw(engine, args.image, result, args.draw)

@@ -273,6 +273,39 @@ def _json_string(escaped: str) -> str:
         return escaped
 
 
+# ----------------------------------------------------------------------------------------------
+# What the syntax forces: text no choice of the model can change once an answer has begun a box
+
+
+# (what the generated text ends with, what must follow), as `format_boxes` writes each family's boxes.
+_FORCED = {
+    "qwen2_vl": (
+        (re.compile(r"<\|object_ref_end\|>$"), "<|box_start|>("),
+        (re.compile(r"<\|box_start\|>\(\d+,\d+\)$"), ",("),
+        (re.compile(r"<\|box_start\|>\(\d+,\d+\),\(\d+,\d+\)$"), "<|box_end|>"),
+    ),
+    "qwen2_5_vl": (
+        (re.compile(r'\{"$'), 'bbox_2d": ['),
+        (re.compile(r'"bbox_2d": \[\d+, \d+, \d+, \d+\]$'), ', "label": "'),
+    ),
+}
+
+
+def forced_continuation(text: str, family: str, mode: str) -> str:
+    """The text the family's box syntax forces after `text` (what has been generated so far), or "".
+
+    Only inside an answer: in chain-of-thought mode after ``<answer>``, never in raw mode (its format is
+    the caller's). The engine's jump-forward feeds this text in one decoder pass instead of generating
+    it token by token."""
+    check_family(family)
+    if mode == "raw" or (mode == "cot" and "<answer>" not in text):
+        return ""
+    for ending, forced in _FORCED[family]:
+        if ending.search(text):
+            return forced
+    return ""
+
+
 def last_image_mention(text: str) -> int | None:
     """The 0-based image the last image reference in `text` names ("the second image", "image-2"), if any.
 
