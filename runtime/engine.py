@@ -28,7 +28,7 @@ from .preprocess import ImageInput, PreparedImage, load_image, preprocess_image
 from .prompt import Prompt, build_prompt
 from .vision import vision_feeds
 
-# Tokens of generated text the box syntax's forced endings are looked for in (the longest ending, Qwen2-VL's
+# Tokens of generated text re-tokenized with the forced text (the longest forced ending, Qwen2-VL's
 # "<|box_start|>(x,y),(x,y)", is under 20 tokens even one byte per token).
 FORCING_CONTEXT = 32
 
@@ -500,13 +500,11 @@ class Engine:
     def forced_tokens(self, tokens: list[int], mode: str) -> list[int]:
         """The token ids of the text the box syntax forces after `tokens`, or [] when nothing is forced
         or the forced text would not tokenize as a continuation (then nothing is skipped)."""
-        if mode == "cot" and "<answer>" not in self.tokenizer.decode(tokens, skip_special_tokens=False):
-            return []
-        tail = tokens[-FORCING_CONTEXT:]  # the syntax's endings are local: a few tokens of text
-        text = self.tokenizer.decode(tail, skip_special_tokens=False)
-        forced = forced_continuation(text, self.manifest.family, "raw" if mode == "raw" else "direct")
+        forced = forced_continuation(self.decode_text(tokens), self.manifest.family, mode)
         if not forced:
             return []
+        tail = tokens[-FORCING_CONTEXT:]  # the forced endings are local: a few tokens of text to tokenize
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
         # The forced ids are what tokenizing the text with them adds to tokenizing it alone, provided
         # the forced text does not merge with the text's last token (then it would not be a continuation).
         alone = self.tokenizer.encode(text, add_special_tokens=False).ids
