@@ -9,15 +9,17 @@ than traced, so it uses exactly the kernels that make CPU decoding fast:
 * SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm with the residual add fused);
 * one MatMul for q, k and v and one for gate and up, so weight-only quantization (MatMulNBits) and
   static INT8 see few, large matrices;
-* M-RoPE with MRotaryEmbedding from the 3-D position ids (section i of the frequencies follows axis
-  i % 3), one fused node for q and one for k per layer, so the host only computes positions;
+* GroupQueryAttention on the packed q|k|v projection, rotating q and k itself (do_rotary) from cos/sin
+  tables the host fills per cache slot with the M-RoPE angles (gemvg.runtime.rotary): no Split and no
+  rotary nodes per layer;
 * the last position only after the last layer's attention: the other positions' outputs of that layer
   feed nothing (their keys and values are already cached), so its o_proj, MLP, the final norm and the
   lm_head see one row; exact, and it saves 1/num_layers of the prefill's MLP work.
 
-I/O (the bundle's convention): inputs_embeds [1, S, hidden], position_ids [3, 1, S] int64,
-past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim], seqlens_k [1] int32 (index of the
-last valid position), total_sequence_length [] int32 -> logits [1, 1, vocab], present_key_{i} /
+I/O (the bundle's convention): inputs_embeds [1, S, hidden], cache_positions [1, S] int64 (the cache
+slots of the S tokens), rotary_cos / rotary_sin [capacity, head_dim / 2] (row i: the angles of the token
+in slot i), past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim], seqlens_k [1] int32 (index
+of the last valid position), total_sequence_length [] int32 -> logits [1, 1, vocab], present_key_{i} /
 present_value_{i} (the same buffers as the past ones).
 """
 
@@ -61,11 +63,8 @@ def _linear_weight(linear) -> np.ndarray:
     return linear.weight.detach().float().numpy().T
 
 
-def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> tuple[list[str], list[str]]:
-    """Write decoder.onnx (+ its weights, decoder.onnx.data) for a Qwen2-VL / Qwen2.5-VL model.
-
-    M-RoPE positions never exceed a token's index, so rotary tables of `max_context` rows cover every
-    request the bundle accepts."""
+def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], list[str]]:
+    """Write decoder.onnx (+ its weights, decoder.onnx.data) for a Qwen2-VL / Qwen2.5-VL model."""
     language_model = model.model.language_model
     g = GraphBuilder()
     heads, kv_heads, head_dim, hidden = text.num_heads, text.num_kv_heads, text.head_dim, text.hidden_size
@@ -73,7 +72,7 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
     eps = float(language_model.config.rms_norm_eps)
 
     inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq", hidden]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, 1, "seq"])]
+              helper.make_tensor_value_info("cache_positions", TensorProto.INT64, [1, "seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, text.vocab_size])]
     cache_shape = [1, kv_heads, "capacity", head_dim]
     for kind in ("key", "value"):
@@ -81,22 +80,10 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, cache_shape))
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+               helper.make_tensor_value_info("rotary_cos", TensorProto.FLOAT, ["capacity", head_dim // 2]),
+               helper.make_tensor_value_info("rotary_sin", TensorProto.FLOAT, ["capacity", head_dim // 2])]
 
-    # M-RoPE: ONNX Runtime's MRotaryEmbedding reads cos/sin of every position from tables and picks, per
-    # frequency section, the position of that section's axis (temporal, height, width) from position_ids.
-    # float32 throughout, as transformers computes its rotary angles.
-    inv_freq = (1.0 / (np.float32(text.rope_theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)))
-    angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None]
-    cos_cache = g.constant("cos_cache", np.cos(angles))  # [positions, head_dim/2]
-    sin_cache = g.constant("sin_cache", np.sin(angles))
-
-    def rotate(x: str, num_heads: int) -> str:
-        return g.op("MRotaryEmbedding", [x, "position_ids", cos_cache, sin_cache], domain="com.microsoft",
-                    num_heads=num_heads, mrope_section=list(text.mrope_section), interleaved=0)
-
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    qkv_split = g.constant("qkv_split", np.array([q_size, kv_size, kv_size], np.int64))
     mlp_split = g.constant("mlp_split", np.array([text_intermediate(language_model)] * 2, np.int64))
 
     def last(name: str) -> str:
@@ -119,13 +106,12 @@ def build_decoder(model, text: TextConfig, out_path: Path, max_context: int) -> 
         qkv_b = np.concatenate([attn.q_proj.bias.detach().float().numpy(), attn.k_proj.bias.detach().float().numpy(),
                                 attn.v_proj.bias.detach().float().numpy()])
         qkv = g.op("Add", [g.op("MatMul", [x, g.constant(f"l{i}_qkv_weight", qkv_w)]), g.constant(f"l{i}_qkv_bias", qkv_b)])
-        q, k, v = g.op("Split", [qkv, qkv_split], outputs=3, axis=-1)
         attended, _, _ = g.op("GroupQueryAttention",
-                        [rotate(q, heads), rotate(k, kv_heads), v, f"past_key_{i}",
-                         f"past_value_{i}", "seqlens_k", "total_sequence_length"],
-                        outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
-                        domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-                        scale=float(attn.scaling))
+                              [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                               "rotary_cos", "rotary_sin", "cache_positions"],
+                              outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
+                              domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                              scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0)
         if i == layers[-1]:  # from here on only the last position is needed
             attended, residual = last(attended), last(residual)
         attn_out = g.op("MatMul", [attended, g.constant(f"l{i}_o_weight", _linear_weight(attn.o_proj))])

@@ -239,7 +239,7 @@ def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] |
 
 
 def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, out: Path, opset: int,
-                  max_context: int, progress: Callable[[str], None],
+                  progress: Callable[[str], None],
                   target: str = "onnxruntime") -> dict[str, tuple[list[str], list[str]]]:
     """vision.onnx, embed.onnx and decoder.onnx in `out`. For onnxruntime the vision rotary is ONNX
     Runtime's fused RotaryEmbedding; for tensorrt standard ops only (its parser takes the graph whole)."""
@@ -283,7 +283,7 @@ def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, ou
 
     started = time.perf_counter()
     progress("building text decoder with GroupQueryAttention and a shared KV cache (3/3)")
-    inputs, outputs = build_decoder(model, text, out / "decoder.onnx", max_context)
+    inputs, outputs = build_decoder(model, text, out / "decoder.onnx")
     names["decoder"] = (inputs, outputs)
     progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
     return names
@@ -321,7 +321,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 
     out.mkdir(parents=True, exist_ok=True)
     max_context = options.max_context or text.max_position_embeddings
-    names = export_graphs(model, family, text, vision, out, options.opset, max_context, progress, options.target)
+    names = export_graphs(model, family, text, vision, out, options.opset, progress, options.target)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
     max_patches = options.max_patches_per_image or preprocess.max_pixels // (preprocess.patch_size ** 2)

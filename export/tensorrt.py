@@ -133,12 +133,15 @@ def optimization_profiles(manifest: Manifest, opt_images: int = OPT_IMAGES,
     def decoder_profile(seq: tuple[int, int, int]) -> Profile:
         # The KV cache is one preallocated buffer per layer, [1, kv_heads, capacity, head_dim], past and
         # present alike; its capacity (prompt + new tokens) does not depend on how many tokens a pass takes.
+        capacities = (1, capacity, context)
         profile = {"inputs_embeds": ShapeRange(*((1, s, text.hidden_size) for s in seq)),
-                   "position_ids": ShapeRange(*((3, 1, s) for s in seq))}
+                   "cache_positions": ShapeRange(*((1, s) for s in seq)),
+                   "rotary_cos": ShapeRange(*((c, text.head_dim // 2) for c in capacities)),
+                   "rotary_sin": ShapeRange(*((c, text.head_dim // 2) for c in capacities))}
         for kind in ("key", "value"):
             for layer in range(text.num_layers):
                 profile[f"past_{kind}_{layer}"] = ShapeRange(*((1, text.num_kv_heads, c, text.head_dim)
-                                                               for c in (1, capacity, context)))
+                                                               for c in capacities))
         return {name: shape for name, shape in profile.items() if name in manifest.decoder_graph.inputs}
 
     return {

@@ -26,11 +26,15 @@ from .grounding import MODES, Box, ImageGeometry, build_instruction, forced_cont
 from .manifest import Manifest, load_manifest
 from .preprocess import ImageInput, PreparedImage, load_image, preprocess_image
 from .prompt import Prompt, build_prompt
+from .rotary import MRopeAngles
 from .vision import vision_feeds
 
 # Tokens of generated text re-tokenized with the forced text (the longest forced ending, Qwen2-VL's
 # "<|box_start|>(x,y),(x,y)", is under 20 tokens even one byte per token).
 FORCING_CONTEXT = 32
+
+# The decoder's per-pass inputs besides the cache buffers and rotary tables (the bundle's convention).
+DECODER_STEP_INPUTS = ("inputs_embeds", "cache_positions", "seqlens_k", "total_sequence_length")
 
 DEVICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -77,7 +81,8 @@ class ModelInputs:
 
 
 class KVCache:
-    """Preallocated key/value buffers, [1, kv_heads, capacity, head_dim] per layer.
+    """Preallocated key/value buffers, [1, kv_heads, capacity, head_dim] per layer, and the rotary tables
+    [capacity, head_dim / 2]: cos and sin of the angles of the token in each slot.
 
     The decoder's attention reads the first `length` positions and writes the new ones in place (its
     past and present tensors are the same buffer), so nothing is concatenated or reallocated per token.
@@ -86,6 +91,8 @@ class KVCache:
     def __init__(self, num_layers: int, capacity: int, kv_heads: int, head_dim: int):
         self.keys = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
         self.values = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
+        self.rotary_cos = np.zeros((capacity, head_dim // 2), np.float32)
+        self.rotary_sin = np.zeros((capacity, head_dim // 2), np.float32)
         self.length = 0
         self.capacity = capacity
         self.generation = 0  # bumped when the buffers are reallocated (bindings to the old ones are stale)
@@ -99,6 +106,11 @@ class KVCache:
                 grown = np.zeros((*old.shape[:2], capacity, old.shape[3]), np.float32)
                 grown[:, :, :self.length] = old[:, :, :self.length]
                 buffers[layer] = grown
+        for name in ("rotary_cos", "rotary_sin"):
+            old = getattr(self, name)
+            grown = np.zeros((capacity, old.shape[1]), np.float32)
+            grown[:self.length] = old[:self.length]
+            setattr(self, name, grown)
         self.capacity = capacity
         self.generation += 1
 
@@ -228,7 +240,8 @@ class Engine:
         self._present_value_names = [f"present_value_{i}" for i in layers]
         names = self._past_key_names + self._past_value_names + self._present_key_names + self._present_value_names
         declared = set(manifest.decoder_graph.inputs) | set(manifest.decoder_graph.outputs)
-        missing = [n for n in names + ["logits"] if n not in declared]
+        missing = [n for n in names + list(DECODER_STEP_INPUTS) + ["rotary_cos", "rotary_sin", "logits"]
+                   if n not in declared]
         if missing:
             raise BundleError(f"{bundle_dir}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
         self._vision_inputs = {i.name for i in self.vision.get_inputs()}
@@ -238,6 +251,8 @@ class Engine:
         self._logits = np.zeros((1, 1, manifest.text.vocab_size), np.float32)
         self._token = np.zeros((1, 1), np.int64)
         self._position = np.zeros((3, 1, 1), np.int64)
+        self._slot = np.zeros((1, 1), np.int64)
+        self._rotary = MRopeAngles(manifest.text)
         self.feature_cache = FeatureCache()
         self._last_prefix: PrefixState | None = None
 
@@ -335,11 +350,19 @@ class Engine:
         return embeds
 
     def step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
-        """The decoder's inputs other than the cache buffers, for `embeds` following the cache's filled prefix."""
-        total = cache.length + embeds.shape[1]
+        """The decoder's inputs other than the cache buffers and rotary tables, for `embeds` (at M-RoPE
+        `positions`, [3, 1, S]) following the cache's filled prefix; writes the new slots' rotary rows."""
+        start, count = cache.length, embeds.shape[1]
+        total = start + count
         if total > cache.capacity:
             raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
-        return {"inputs_embeds": embeds, "position_ids": positions,
+        self._rotary.fill(positions[:, 0], cache.rotary_cos[start:total], cache.rotary_sin[start:total])
+        if count == 1:  # the decode step: a reused array, no allocation
+            self._slot[0, 0] = start
+            slots = self._slot
+        else:
+            slots = np.arange(start, total, dtype=np.int64)[None]
+        return {"inputs_embeds": embeds, "cache_positions": slots,
                 "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
 
     def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
@@ -348,6 +371,7 @@ class Engine:
         for layer in range(len(cache.keys)):
             feeds[self._past_key_names[layer]] = cache.keys[layer]
             feeds[self._past_value_names[layer]] = cache.values[layer]
+        feeds["rotary_cos"], feeds["rotary_sin"] = cache.rotary_cos, cache.rotary_sin
         return feeds
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -371,14 +395,16 @@ class Engine:
         return self._logits[0, -1]
 
     def _bind_cache(self, bound: "_BoundSession", cache: KVCache) -> None:
-        """Bind the cache's buffers (by address: ONNX Runtime reads and writes them in place) and the logits.
-        The binding keeps a reference to the cache, so the buffers outlive it."""
+        """Bind the cache's buffers and rotary tables (by address: ONNX Runtime reads and writes them in
+        place) and the logits. The binding keeps a reference to the cache, so the buffers outlive it."""
         binding = bound.binding
         for layer in range(len(cache.keys)):
             for past, present, array in ((self._past_key_names, self._present_key_names, cache.keys[layer]),
                                          (self._past_value_names, self._present_value_names, cache.values[layer])):
                 binding.bind_input(past[layer], "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
                 _bind_output(binding, present[layer], array)
+        for name, table in (("rotary_cos", cache.rotary_cos), ("rotary_sin", cache.rotary_sin)):
+            binding.bind_input(name, "cpu", 0, np.float32, list(table.shape), table.ctypes.data)
         _bind_output(binding, "logits", self._logits)
         bound.cache = (cache, cache.generation)
 

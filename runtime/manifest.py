@@ -17,7 +17,9 @@ from pathlib import Path
 from .errors import BundleError
 from .preprocess import PreprocessConfig
 
-SCHEMA_VERSION = 1
+# 2: the decoder takes host-computed rotary tables (rotary_cos, rotary_sin, cache_positions), not
+# 3-D position_ids; version-1 bundles must be re-exported.
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 

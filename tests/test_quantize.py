@@ -24,6 +24,7 @@ from gemvg.export.quantize import Evaluator, Mixer, node_groups, static_int8
 from gemvg.runtime import Engine
 from gemvg.runtime.cli import main as gemvg
 from gemvg.runtime.manifest import load_manifest, sha256_of
+from gemvg.runtime.rotary import MRopeAngles
 from gemvg.runtime.vision import vision_feeds
 
 QUERY = "the small red object"
@@ -196,6 +197,12 @@ def test_weight_only_uses_matmulnbits_with_the_lm_head(linear_heavy):
         assert [n for n in model.graph.node if n.op_type == "MatMul"] == []
         logits = next(n for n in model.graph.node if "logits" in n.output)
         assert logits.op_type == "MatMulNBits"  # the lm_head
+        # The qkv bias rides in MatMulNBits' bias input; attention takes the packed projection.
+        assert "Add" not in {n.op_type for n in model.graph.node}
+        producers = {out: n for n in model.graph.node for out in n.output}
+        for attention in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+            qkv = producers[attention.input[0]]
+            assert qkv.op_type == "MatMulNBits" and len(qkv.input) == 6 and qkv.input[5]
         counts = {b: sum(a["bits"] == b for a in attributes) for b in (4, 8)}
         record = load_manifest(linear_heavy[precision]).extra["quantization"]["decoder"]
         if bits == 8:  # this onnxruntime supports 8-bit MatMulNBits
@@ -204,6 +211,32 @@ def test_weight_only_uses_matmulnbits_with_the_lm_head(linear_heavy):
             assert counts[8] == len(record["upgraded_nodes"]) and counts[4] == len(nbits) - counts[8] > counts[8]
             assert record["final"]["cosine"] >= record["target_cosine"] == 0.97 and record["target_met"]
             assert 0 < record["budget"]["used"] <= record["budget"]["fraction_of_weights"] == 0.25
+
+
+def test_folding_a_bias_add_into_matmulnbits_is_exact(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxruntime as ort
+    from gemvg.export.quantize import _nbits, fold_bias_adds
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "b"], ["out"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 48])],
+        [numpy_helper.from_array(rng.standard_normal((64, 48), dtype=np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(48, dtype=np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "linear.onnx")
+    model = _nbits(tmp_path / "linear.onnx", 4, 32, 4)
+    x = rng.standard_normal((1, 3, 64), dtype=np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert fold_bias_adds(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"] and model.graph.node[0].output[0] == "out"
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_upgrade_budget_gives_every_matmul_4_bits(linear_heavy, tmp_path):
@@ -335,7 +368,11 @@ def test_calibration_feeds_are_the_runtimes_inputs(linear_heavy, calib_file):
     decoder = pipeline.decoder(calibration[:1])[0]
     embeds = engine.embed_prompt(inputs.prompt, engine.encode_images(inputs.images))
     assert np.array_equal(decoder["inputs_embeds"], embeds)
-    assert np.array_equal(decoder["position_ids"], inputs.prompt.position_ids[:, None, :])
+    length = len(inputs.prompt.input_ids)
+    assert np.array_equal(decoder["cache_positions"], np.arange(length)[None])
+    cos, sin = np.empty((2, length, engine.manifest.text.head_dim // 2), np.float32)
+    MRopeAngles(engine.manifest.text).fill(inputs.prompt.position_ids, cos, sin)
+    assert np.array_equal(decoder["rotary_cos"][:length], cos) and np.array_equal(decoder["rotary_sin"][:length], sin)
     # Run as it is, the feed gives the logits that Engine.prefill computes for the request.
     logits = engine.decoder.run(["logits"], decoder)[0][0, -1]
     assert np.allclose(logits, last_logits(engine, list(calibration[0].images), calibration[0].query), atol=1e-5)

@@ -22,13 +22,13 @@ from gemvg.export.tensorrt import (ShapeRange, TensorRTError, build_engines, opt
 from gemvg.runtime import Engine
 from gemvg.runtime.engine import providers_for, tensorrt_options
 from gemvg.runtime.errors import ProviderError
-from gemvg.runtime.manifest import (GraphFile, Limits, Manifest, PromptTemplate, TextConfig, TokenIds, VisionConfig,
+from gemvg.runtime.manifest import (SCHEMA_VERSION, GraphFile, Limits, Manifest, PromptTemplate, TextConfig, TokenIds, VisionConfig,
                                     load_manifest)
 from gemvg.runtime.preprocess import PreprocessConfig
 
 LAYERS = 2
 VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_bias", "window_scatter")
-DECODER_INPUTS = (("inputs_embeds", "position_ids") + tuple(f"past_key_{i}" for i in range(LAYERS))
+DECODER_INPUTS = (("inputs_embeds", "cache_positions", "rotary_cos", "rotary_sin") + tuple(f"past_key_{i}" for i in range(LAYERS))
                   + tuple(f"past_value_{i}" for i in range(LAYERS)) + ("seqlens_k", "total_sequence_length"))
 DECODER_OUTPUTS = (("logits",) + tuple(f"present_key_{i}" for i in range(LAYERS))
                    + tuple(f"present_value_{i}" for i in range(LAYERS)))
@@ -37,7 +37,7 @@ DECODER_OUTPUTS = (("logits",) + tuple(f"present_key_{i}" for i in range(LAYERS)
 def make_manifest(precision: str = "int8", max_context: int = 4096, max_patches: int = 5120,
                   min_pixels: int = 3136) -> Manifest:
     return Manifest(
-        schema_version=1, family="qwen2_5_vl", precision=precision,
+        schema_version=SCHEMA_VERSION, family="qwen2_5_vl", precision=precision,
         text=TextConfig(hidden_size=896, num_layers=LAYERS, num_heads=14, num_kv_heads=2, head_dim=64, vocab_size=320,
                         rope_theta=1e6, mrope_section=(8, 12, 12), max_position_embeddings=32768),
         vision=VisionConfig(hidden_size=640, out_hidden_size=896, num_heads=10, head_dim=64, rope_theta=1e4,
@@ -75,10 +75,12 @@ def test_profiles_come_from_the_manifest_limits():
     prefill, decode = profiles["decoder"]
     assert set(prefill) == set(DECODER_INPUTS) - {"seqlens_k", "total_sequence_length"}
     assert prefill["inputs_embeds"] == ShapeRange((1, 1, 896), (1, 576, 896), (1, 4096, 896))
-    assert prefill["position_ids"] == ShapeRange((3, 1, 1), (3, 1, 576), (3, 1, 4096))
+    assert prefill["cache_positions"] == ShapeRange((1, 1), (1, 576), (1, 4096))
+    assert decode["cache_positions"] == ShapeRange((1, 1), (1, 1), (1, 1))
     assert decode["inputs_embeds"] == ShapeRange((1, 1, 896), (1, 1, 896), (1, 1, 896))
     for profile in (prefill, decode):  # the shared cache buffer: [1, kv_heads, capacity, head_dim]
         assert profile["past_value_1"] == ShapeRange((1, 2, 1, 64), (1, 2, 832, 64), (1, 2, 4096, 64))
+        assert profile["rotary_cos"] == ShapeRange((1, 32), (832, 32), (4096, 32))  # one row per cache slot
 
 
 def test_profiles_follow_other_limits_and_reject_impossible_ones():

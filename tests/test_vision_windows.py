@@ -184,7 +184,7 @@ def test_vision_rotary_fused_for_onnxruntime_standard_for_tensorrt(tiny_checkpoi
     for target in ("onnxruntime", "tensorrt"):
         out = tmp_path / target
         out.mkdir()
-        export_graphs(model, family, text, vision, out, 18, 64, lambda message: None, target)
+        export_graphs(model, family, text, vision, out, 18, lambda message: None, target)
         graph = out / "vision.onnx"
         assert contrib_ops(graph) == (["RotaryEmbedding"] if target == "onnxruntime" else [])
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
