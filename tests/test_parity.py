@@ -65,3 +65,27 @@ def test_inspect_matches_hf_inputs(family, image_set, tiny_checkpoints, tiny_bun
     with torch.no_grad():
         logits = hf_models[family](**reference).logits[0, -1].numpy()
     assert np.abs(ours["logits"] - logits).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_host_mrope_tables_equal_transformers_rotary(family, tiny_bundles, hf_models):
+    """The cos/sin rows the engine writes per cache slot are transformers' M-RoPE cos/sin (first half:
+    rotate-half repeats it), for image-like positions that differ per axis and text-like equal ones."""
+    import torch
+
+    from gemvg.runtime.manifest import load_manifest
+    from gemvg.runtime.rotary import MRopeAngles
+
+    text = load_manifest(tiny_bundles[family]).text
+    rng = np.random.default_rng(0)
+    positions = np.concatenate([rng.integers(0, 4000, (3, 40)), np.repeat(rng.integers(0, 30000, (1, 24)), 3, 0)], 1)
+    cos, sin = np.empty((2, positions.shape[1], text.head_dim // 2), np.float32)
+    MRopeAngles(text).fill(positions, cos, sin)
+
+    rotary = hf_models[family].model.language_model.rotary_emb
+    with torch.no_grad():
+        hf_cos, hf_sin = rotary(torch.zeros(1, dtype=torch.float32), torch.from_numpy(positions)[:, None, :])
+    half = text.head_dim // 2
+    np.testing.assert_allclose(cos, hf_cos[0, :, :half].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sin, hf_sin[0, :, :half].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(hf_cos[0, :, :half].numpy(), hf_cos[0, :, half:].numpy())
