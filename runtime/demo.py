@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import GemvgError
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 DEMO_NAME = "demo-tiny-qwen2_vl"
 
@@ -21,11 +22,26 @@ def demo_home(home: Path | None) -> Path:
     return home or Path(os.environ.get("GEMVG_HOME", Path.home() / ".cache" / "gemvg"))
 
 
+def cached_schema(folder: Path) -> int | None:
+    """The manifest schema of the cached demo bundle, or None when there is no complete one."""
+    try:
+        manifest = json.loads((folder / "bundle" / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("schema_version") if (folder / "demo.json").is_file() else None
+
+
 def ensure_demo(folder: Path) -> None:
-    """Build the demo bundle with gemvg-export (a separate process: the runtime never imports export)."""
-    if (folder / "bundle" / "manifest.json").is_file() and (folder / "demo.json").is_file():
+    """Build the demo bundle with gemvg-export (a separate process: the runtime never imports export),
+    at first use and again when the cached one was made by a gemvg with another bundle schema."""
+    schema = cached_schema(folder)
+    if schema == SCHEMA_VERSION:
         return
-    print(f"building the demo bundle in {folder} (first run only) ...", file=sys.stderr, flush=True)
+    if schema is None:
+        print(f"building the demo bundle in {folder} (first run only) ...", file=sys.stderr, flush=True)
+    else:
+        print(f"rebuilding the demo bundle in {folder}: the cached one has bundle schema {schema}, this gemvg "
+              f"reads {SCHEMA_VERSION} ...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "gemvg.export.demo", "--out", str(folder)])
     if done.returncode != 0:
         raise GemvgError("could not build the demo bundle: it needs gemvg[export] (torch, transformers, onnx) "

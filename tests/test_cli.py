@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from gemvg.runtime.cli import main as gemvg
+from gemvg.runtime.manifest import SCHEMA_VERSION
 
 
 def test_ground_json_and_draw(tiny_bundle, image_files, tmp_path, capsys):
@@ -56,3 +57,14 @@ def test_demo_runs_from_nothing(tmp_path):
     again = subprocess.run([sys.executable, "-m", "gemvg.runtime.cli", "demo"], capture_output=True, text=True,
                            env=env, timeout=120)
     assert again.returncode == 0 and "building the demo bundle" not in again.stderr
+
+    # A demo cached by a gemvg with another bundle schema is rebuilt, not refused.
+    manifest_path = Path(tmp_path) / "demo-tiny-qwen2_vl" / "bundle" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["schema_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    upgraded = subprocess.run([sys.executable, "-m", "gemvg.runtime.cli", "demo"], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert upgraded.returncode == 0, upgraded.stderr[-2000:]
+    assert "rebuilding the demo bundle" in upgraded.stderr and "timings:" in upgraded.stdout
+    assert json.loads(manifest_path.read_text())["schema_version"] == SCHEMA_VERSION
