@@ -251,7 +251,6 @@ class Engine:
         self._logits = np.zeros((1, 1, manifest.text.vocab_size), np.float32)
         self._token = np.zeros((1, 1), np.int64)
         self._position = np.zeros((3, 1, 1), np.int64)
-        self._slot = np.zeros((1, 1), np.int64)
         self._rotary = MRopeAngles(manifest.text)
         self.feature_cache = FeatureCache()
         self._last_prefix: PrefixState | None = None
@@ -357,12 +356,7 @@ class Engine:
         if total > cache.capacity:
             raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
         self._rotary.fill(positions[:, 0], cache.rotary_cos[start:total], cache.rotary_sin[start:total])
-        if count == 1:  # the decode step: a reused array, no allocation
-            self._slot[0, 0] = start
-            slots = self._slot
-        else:
-            slots = np.arange(start, total, dtype=np.int64)[None]
-        return {"inputs_embeds": embeds, "cache_positions": slots,
+        return {"inputs_embeds": embeds, "cache_positions": np.arange(start, total, dtype=np.int64)[None],
                 "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
 
     def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
