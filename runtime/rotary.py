@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import BundleError
 from .manifest import TextConfig
 
 
@@ -23,7 +24,8 @@ class MRopeAngles:
     def __init__(self, text: TextConfig):
         half = text.head_dim // 2
         if sum(text.mrope_section) != half:
-            raise ValueError(f"mrope_section {text.mrope_section} does not cover head_dim / 2 = {half}")
+            raise BundleError(f"manifest text.mrope_section {list(text.mrope_section)} does not sum to "
+                              f"head_dim / 2 = {half}")
         exponents = np.arange(0, text.head_dim, 2, dtype=np.float32) / np.float32(text.head_dim)
         self.inv_freq = (1.0 / (np.float32(text.rope_theta) ** exponents)).astype(np.float32)
         self.axis = np.repeat(np.arange(3), text.mrope_section)  # frequency j follows positions[axis[j]]

@@ -145,6 +145,15 @@ def test_unknown_schema_version(bundle_copy, image_files, capsys):
     assert_one_line_error(code, err, "schema version")
 
 
+def test_inconsistent_rotary_sections(bundle_copy, image_files, capsys):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["text"]["mrope_section"] = [1, 1, 1]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run_cli(["ground", "--bundle", str(bundle_copy), "--image", str(image_files["rgb.jpg"]),
+                         "--query", "q"], capsys)
+    assert_one_line_error(code, err, "mrope_section")
+
+
 def test_not_a_bundle(tmp_path, image_files, capsys):
     (tmp_path / "manifest.json").write_text("{not json")
     code, err = run_cli(["ground", "--bundle", str(tmp_path), "--image", str(image_files["rgb.jpg"]), "--query", "q"],
