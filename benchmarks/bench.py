@@ -166,7 +166,7 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
         samples["follow_up_ttft"].append(follow.timings_ms["time_to_first_token"])
         prompt_tokens = len(engine.prepare(images, QUERY, MODE).prompt.input_ids)
     manifest = engine.manifest
-    weight_bytes = _graph_bytes(bundle, manifest.step_decoder_graph or manifest.decoder_graph)  # what a step reads
+    weight_bytes = (manifest.step_decoder_graph or manifest.decoder_graph).disk_bytes(bundle)  # what a step reads
     stages = summarize(samples)
     per_token_s = stages["decode_per_token"]["median"] / 1e3
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
@@ -191,11 +191,6 @@ def _label(manifest) -> str:
         step = record.get("step_decoder", {})
         details.append(f"steps {manifest.step_decoder_graph.precision}, block {step.get('block_size')}")
     return manifest.precision + (f" ({'; '.join(details)})" if details else "")
-
-
-def _graph_bytes(bundle: Path, graph) -> int:
-    paths = [bundle / graph.path] + ([bundle / graph.data_path] if graph.data_path else [])
-    return sum(p.stat().st_size for p in paths)
 
 
 def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> SystemResult:

@@ -46,15 +46,13 @@ def _greedy(engine: Engine, logits: np.ndarray, position: int, cache: KVCache, c
 def _sizes(fp32_dir: Path, quant_dir: Path) -> dict:
     fp32, quant = load_manifest(fp32_dir, verify=False), load_manifest(quant_dir, verify=False)
 
-    def size(folder: Path, entry) -> int:
-        return sum((folder / name).stat().st_size for name in (entry.path, entry.data_path) if name)
-
     graphs = {}
     for name in ("vision_graph", "embed_graph", "decoder_graph", "tokenizer"):
-        a, b = size(fp32_dir, getattr(fp32, name)), size(quant_dir, getattr(quant, name))
+        a, b = getattr(fp32, name).disk_bytes(fp32_dir), getattr(quant, name).disk_bytes(quant_dir)
         graphs[name.replace("_graph", "")] = {"fp32_bytes": a, "bytes": b, "ratio": round(b / a, 4)}
     if quant.step_decoder_graph:  # no fp32 counterpart: it adds to the bundle
-        graphs["step_decoder"] = {"fp32_bytes": 0, "bytes": size(quant_dir, quant.step_decoder_graph), "ratio": None}
+        step_bytes = quant.step_decoder_graph.disk_bytes(quant_dir)
+        graphs["step_decoder"] = {"fp32_bytes": 0, "bytes": step_bytes, "ratio": None}
     total_fp32 = sum(g["fp32_bytes"] for g in graphs.values())
     total = sum(g["bytes"] for g in graphs.values())
     return {"files": graphs, "fp32_bytes": total_fp32, "bytes": total, "ratio": round(total / total_fp32, 4)}

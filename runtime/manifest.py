@@ -88,6 +88,10 @@ class GraphFile:
     data_path: str = ""  # the graph's ONNX external-data file (the exporter writes every graph's weights there)
     data_sha256: str = ""
 
+    def disk_bytes(self, bundle: Path) -> int:
+        """The file's size in `bundle`, its external data included."""
+        return sum((bundle / name).stat().st_size for name in (self.path, self.data_path) if name)
+
 
 @dataclass(frozen=True)
 class Manifest:
