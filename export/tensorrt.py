@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from gemvg.runtime import bundle_io as io
 from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.manifest import Manifest, sha256_of
 
@@ -114,14 +115,14 @@ def optimization_profiles(manifest: Manifest, opt_images: int = OPT_IMAGES,
     def patches(*tail: int) -> ShapeRange:
         return ShapeRange((min_patches, *tail), (opt_patches, *tail), (max_patches, *tail))
 
-    vision_profile = {"pixel_values": patches(patch_dim), "rotary_cos": patches(vision.head_dim),
-                      "rotary_sin": patches(vision.head_dim), "window_scatter": patches()}
+    vision_profile = {io.VISION_PIXEL_VALUES: patches(patch_dim), io.VISION_ROTARY_COS: patches(vision.head_dim),
+                      io.VISION_ROTARY_SIN: patches(vision.head_dim), io.VISION_WINDOW_SCATTER: patches()}
     if vision.window_size > 0:
         side = vision.window_size // pre.merge_size // pre.patch_size * pre.merge_size
         (w_min, l_min), (w_opt, l_opt), (w_max, l_max) = window_shapes(min_patches, opt_patches, max_patches,
                                                                          pre.merge_size, side)
-        vision_profile["window_gather"] = ShapeRange((w_min, l_min), (w_opt, l_opt), (w_max, l_max))
-        vision_profile["window_bias"] = ShapeRange((w_min, 1, 1, l_min), (w_opt, 1, 1, l_opt), (w_max, 1, 1, l_max))
+        vision_profile[io.VISION_WINDOW_GATHER] = ShapeRange((w_min, l_min), (w_opt, l_opt), (w_max, l_max))
+        vision_profile[io.VISION_WINDOW_BIAS] = ShapeRange((w_min, 1, 1, l_min), (w_opt, 1, 1, l_opt), (w_max, 1, 1, l_max))
     vision_profile = {name: shape for name, shape in vision_profile.items() if name in manifest.vision_graph.inputs}
 
     context = limits.max_context
@@ -134,19 +135,19 @@ def optimization_profiles(manifest: Manifest, opt_images: int = OPT_IMAGES,
         # The KV cache is one preallocated buffer per layer, [1, kv_heads, capacity, head_dim], past and
         # present alike; its capacity (prompt + new tokens) does not depend on how many tokens a pass takes.
         capacities = (1, capacity, context)
-        profile = {"inputs_embeds": ShapeRange(*((1, s, text.hidden_size) for s in seq)),
-                   "cache_positions": ShapeRange(*((1, s) for s in seq)),
-                   "rotary_cos": ShapeRange(*((c, text.head_dim // 2) for c in capacities)),
-                   "rotary_sin": ShapeRange(*((c, text.head_dim // 2) for c in capacities))}
-        for kind in ("key", "value"):
+        profile = {io.DECODER_INPUTS_EMBEDS: ShapeRange(*((1, s, text.hidden_size) for s in seq)),
+                   io.DECODER_CACHE_POSITIONS: ShapeRange(*((1, s) for s in seq)),
+                   io.DECODER_ROTARY_COS: ShapeRange(*((c, text.head_dim // 2) for c in capacities)),
+                   io.DECODER_ROTARY_SIN: ShapeRange(*((c, text.head_dim // 2) for c in capacities))}
+        for past in (io.past_key, io.past_value):
             for layer in range(text.num_layers):
-                profile[f"past_{kind}_{layer}"] = ShapeRange(*((1, text.num_kv_heads, c, text.head_dim)
+                profile[past(layer)] = ShapeRange(*((1, text.num_kv_heads, c, text.head_dim)
                                                                for c in capacities))
         return {name: shape for name, shape in profile.items() if name in manifest.decoder_graph.inputs}
 
     return {
         "vision": [vision_profile],
-        "embed": [{"input_ids": ShapeRange((1, 1), (1, prompt), (1, context))}],
+        "embed": [{io.EMBED_INPUT_IDS: ShapeRange((1, 1), (1, prompt), (1, context))}],
         "decoder": [decoder_profile((1, prompt, context)), decoder_profile((1, 1, 1))],
     }
 

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from PIL import Image as PILImage
 from tokenizers import Tokenizer
 
+from . import bundle_io as io
 from .errors import BundleError, InputError, PromptTooLongError, ProviderError
 from .grounding import MODES, Box, ImageGeometry, build_instruction, forced_continuation, parse_answer
 from .manifest import Manifest, load_manifest
@@ -33,8 +34,6 @@ from .vision import vision_feeds
 # "<|box_start|>(x,y),(x,y)", is under 20 tokens even one byte per token).
 FORCING_CONTEXT = 32
 
-# The decoder's per-pass inputs besides the cache buffers and rotary tables (the bundle's convention).
-DECODER_STEP_INPUTS = ("inputs_embeds", "cache_positions", "seqlens_k", "total_sequence_length")
 
 DEVICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -233,15 +232,15 @@ class Engine:
         self.load_ms = load_ms
         self.eos = set(manifest.tokens.eos)
         layers = range(manifest.text.num_layers)
-        # The bundle's decoder I/O naming convention (the manifest lists them; a C++ runtime uses the same).
-        self._past_key_names = [f"past_key_{i}" for i in layers]
-        self._past_value_names = [f"past_value_{i}" for i in layers]
-        self._present_key_names = [f"present_key_{i}" for i in layers]
-        self._present_value_names = [f"present_value_{i}" for i in layers]
+        # The bundle's decoder I/O naming convention (bundle_io; the native runtime uses the same).
+        self._past_key_names = [io.past_key(i) for i in layers]
+        self._past_value_names = [io.past_value(i) for i in layers]
+        self._present_key_names = [io.present_key(i) for i in layers]
+        self._present_value_names = [io.present_value(i) for i in layers]
         names = self._past_key_names + self._past_value_names + self._present_key_names + self._present_value_names
         declared = set(manifest.decoder_graph.inputs) | set(manifest.decoder_graph.outputs)
-        missing = [n for n in names + list(DECODER_STEP_INPUTS) + ["rotary_cos", "rotary_sin", "logits"]
-                   if n not in declared]
+        missing = [n for n in names + list(io.DECODER_STEP_INPUTS)
+                   + [io.DECODER_ROTARY_COS, io.DECODER_ROTARY_SIN, io.DECODER_LOGITS] if n not in declared]
         if missing:
             raise BundleError(f"{bundle_dir}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
         self._vision_inputs = {i.name for i in self.vision.get_inputs()}
@@ -325,9 +324,9 @@ class Engine:
         """The vision encoder's feed for one image (the inputs its graph declares) and the order that
         restores its merged features to raster order (None without window attention)."""
         feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
-        inputs = {"pixel_values": feeds.pixel_values, "rotary_cos": feeds.rotary_cos,
-                  "rotary_sin": feeds.rotary_sin, "window_gather": feeds.window_gather,
-                  "window_bias": feeds.window_bias, "window_scatter": feeds.window_scatter}
+        inputs = {io.VISION_PIXEL_VALUES: feeds.pixel_values, io.VISION_ROTARY_COS: feeds.rotary_cos,
+                  io.VISION_ROTARY_SIN: feeds.rotary_sin, io.VISION_WINDOW_GATHER: feeds.window_gather,
+                  io.VISION_WINDOW_BIAS: feeds.window_bias, io.VISION_WINDOW_SCATTER: feeds.window_scatter}
         inputs = {k: v for k, v in inputs.items() if k in self._vision_inputs and v is not None}
         missing = sorted(self._vision_inputs - inputs.keys())
         if missing:  # e.g. window_ids: a bundle exported before windowed attention
@@ -342,7 +341,7 @@ class Engine:
 
     def embed_prompt(self, prompt: Prompt, features: list[np.ndarray | None], start: int = 0) -> np.ndarray:
         """Embeddings of prompt tokens from `start` on, image tokens replaced by their features."""
-        (embeds,) = self.embed.run(None, {"input_ids": prompt.input_ids[None, start:]})
+        (embeds,) = self.embed.run(None, {io.EMBED_INPUT_IDS: prompt.input_ids[None, start:]})
         for (span_start, span_end), image_features in zip(prompt.image_spans, features):
             if span_end > start:
                 embeds[0, span_start - start:span_end - start] = image_features
@@ -356,8 +355,10 @@ class Engine:
         if total > cache.capacity:
             raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
         self._rotary.fill(positions[:, 0], cache.rotary_cos[start:total], cache.rotary_sin[start:total])
-        return {"inputs_embeds": embeds, "cache_positions": np.arange(start, total, dtype=np.int64)[None],
-                "seqlens_k": np.asarray([total - 1], np.int32), "total_sequence_length": np.asarray(total, np.int32)}
+        return {io.DECODER_INPUTS_EMBEDS: embeds,
+                io.DECODER_CACHE_POSITIONS: np.arange(start, total, dtype=np.int64)[None],
+                io.DECODER_SEQLENS_K: np.asarray([total - 1], np.int32),
+                io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(total, np.int32)}
 
     def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
         """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
@@ -365,7 +366,7 @@ class Engine:
         for layer in range(len(cache.keys)):
             feeds[self._past_key_names[layer]] = cache.keys[layer]
             feeds[self._past_value_names[layer]] = cache.values[layer]
-        feeds["rotary_cos"], feeds["rotary_sin"] = cache.rotary_cos, cache.rotary_sin
+        feeds[io.DECODER_ROTARY_COS], feeds[io.DECODER_ROTARY_SIN] = cache.rotary_cos, cache.rotary_sin
         return feeds
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -397,9 +398,9 @@ class Engine:
                                          (self._past_value_names, self._present_value_names, cache.values[layer])):
                 binding.bind_input(past[layer], "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
                 _bind_output(binding, present[layer], array)
-        for name, table in (("rotary_cos", cache.rotary_cos), ("rotary_sin", cache.rotary_sin)):
+        for name, table in ((io.DECODER_ROTARY_COS, cache.rotary_cos), (io.DECODER_ROTARY_SIN, cache.rotary_sin)):
             binding.bind_input(name, "cpu", 0, np.float32, list(table.shape), table.ctypes.data)
-        _bind_output(binding, "logits", self._logits)
+        _bind_output(binding, io.DECODER_LOGITS, self._logits)
         bound.cache = (cache, cache.generation)
 
     def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:
@@ -411,7 +412,7 @@ class Engine:
     def decode_one_token(self, token: int, position: int, cache: KVCache) -> np.ndarray:
         self._token[0, 0] = token
         self._position[:] = position
-        (embeds,) = self.embed.run(None, {"input_ids": self._token})
+        (embeds,) = self.embed.run(None, {io.EMBED_INPUT_IDS: self._token})
         return self.run_decoder(embeds, self._position, cache)
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -536,7 +537,7 @@ class Engine:
         if len(token_ids) == 1:
             return self.decode_one_token(token_ids[0], position, cache)
         ids = np.asarray([token_ids], np.int64)
-        (embeds,) = self.embed.run(None, {"input_ids": ids})
+        (embeds,) = self.embed.run(None, {io.EMBED_INPUT_IDS: ids})
         positions = np.broadcast_to(np.arange(position, position + len(token_ids)), (3, 1, len(token_ids)))
         return self.run_decoder(embeds, np.ascontiguousarray(positions), cache)
 
