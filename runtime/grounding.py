@@ -20,8 +20,11 @@ only the answer part is parsed then.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+
+from .errors import InputError
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 MODES = ("direct", "cot", "raw")
@@ -82,7 +85,7 @@ _THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$",
 
 def check_family(family: str) -> str:
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise InputError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return family
 
 
@@ -112,7 +115,7 @@ def build_instruction(query: str, family: str, mode: str) -> str:
         return f"{query}\n{_FORMAT_HINT[family]}"
     if mode == "cot":
         return f"{query}\n{_FORMAT_HINT[family]}\n{_COT_HINT}"
-    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +168,12 @@ def _ordinal(index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing (model text -> boxes in original pixels); tolerant: what cannot be read is skipped
+# Parsing (model text -> boxes in original pixels); tolerant: what cannot be read is skipped.
+# Model text is hostile input (a quantized or fine-tuned model can write anything): the parser never
+# raises on any text, and every box it returns is finite and inside its image.
+
+# Image numbers longer than this are not an image (and int() refuses strings over 4300 digits).
+_MAX_INDEX_DIGITS = 6
 
 
 def answer_part(text: str) -> str:
@@ -195,9 +203,11 @@ def parse_answer(text: str, family: str, geometries: list[ImageGeometry]) -> lis
         raw = [(i, c, lab, "qwen2_5_vl") for i, c, lab, _ in _parse_qwen2_5(body)]
     boxes = []
     for image, coords, label, syntax in raw:
-        if not 0 <= image < len(geometries):
+        if image is None or not 0 <= image < len(geometries):
             continue
-        boxes.append(_to_original(image, coords, label, syntax, geometries[image]))
+        box = _to_original(image, coords, label, syntax, geometries[image])
+        if box is not None:
+            boxes.append(box)
     return boxes
 
 
@@ -209,7 +219,12 @@ def has_parsable_answer(text: str, family: str) -> bool:
     return bool(_parse_qwen2(body)) or body == NO_TARGET_TEXT
 
 
-def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: str, geom: ImageGeometry) -> Box:
+def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: str,
+                 geom: ImageGeometry) -> Box | None:
+    """The box in original pixels, corners ordered and clamped to the image; None when a coordinate is
+    not a finite number (NaN cannot be clamped; an overflowing "1e400" or 400-digit number is infinite)."""
+    if not all(math.isfinite(value) for value in coords):
+        return None
     if syntax == "qwen2_vl":
         sx, sy = geom.width / 1000.0, geom.height / 1000.0
     else:
@@ -217,8 +232,21 @@ def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: str,
     x1, x2 = sorted((coords[0] * sx, coords[2] * sx))
     y1, y2 = sorted((coords[1] * sy, coords[3] * sy))
     clamp = lambda v, hi: min(max(v, 0.0), float(hi))  # noqa: E731
-    return Box(image, clamp(x1, geom.width), clamp(y1, geom.height), clamp(x2, geom.width), clamp(y2, geom.height),
-               label.strip())
+    corners = clamp(x1, geom.width), clamp(y1, geom.height), clamp(x2, geom.width), clamp(y2, geom.height)
+    if not all(math.isfinite(value) for value in corners):  # a finite coordinate times a scale can overflow
+        return None
+    return Box(image, *corners, _printable(label.strip()))
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (from a JSON escape such as \\ud800) replaced, so that a label can be
+    printed and encoded as UTF-8."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _index(digits: str) -> int | None:
+    """A 1-based image number as a 0-based index; None for a number no image has."""
+    return int(digits) - 1 if len(digits) <= _MAX_INDEX_DIGITS else None
 
 
 def _image_mention(segment: str) -> int | None:
@@ -227,16 +255,16 @@ def _image_mention(segment: str) -> int | None:
         if match.group("word"):
             found = _ORDINAL_INDEX[match.group("word").lower()]
         else:
-            found = int(match.group("num1") or match.group("num2")) - 1
+            found = _index(match.group("num1") or match.group("num2"))
     return found
 
 
-def _parse_qwen2(text: str) -> list[tuple[int, tuple[float, ...], str, str]]:
+def _parse_qwen2(text: str) -> list[tuple[int | None, tuple[float, ...], str, str]]:
     out, image, last_end = [], 0, 0
     for match in _QWEN2_BOX.finditer(text):
-        mentioned = _image_mention(text[last_end:match.start()])
-        if mentioned is not None:
-            image = mentioned
+        segment = text[last_end:match.start()]
+        if _IMAGE_REF.search(segment):  # a mention, even of an image number no image has, moves the box there
+            image = _image_mention(segment)
         coords = tuple(float(match.group(i)) for i in range(2, 6))
         out.append((image, coords, match.group("label") or "", "qwen2_vl"))
         last_end = match.end()
@@ -251,7 +279,7 @@ def _strip_fence(text: str) -> str:
     return text.strip()
 
 
-def _parse_qwen2_5(text: str) -> list[tuple[int, tuple[float, ...], str, str]]:
+def _parse_qwen2_5(text: str) -> list[tuple[int | None, tuple[float, ...], str, str]]:
     out = []
     for obj in _JSON_OBJECT.findall(text):
         bbox = _BBOX_KEY.search(obj)
@@ -259,17 +287,18 @@ def _parse_qwen2_5(text: str) -> list[tuple[int, tuple[float, ...], str, str]]:
             continue
         coords = tuple(float(bbox.group(i)) for i in range(1, 5))
         label_match = _LABEL_KEY.search(obj)
-        label = json.loads(f'"{label_match.group(1)}"') if label_match else ""
+        label = _json_string(label_match.group(1)) if label_match else ""
         image_match = _IMAGE_KEY.search(obj)
-        image = int(image_match.group(1)) - 1 if image_match else 0
+        image = _index(image_match.group(1)) if image_match else 0
         out.append((image, coords, label, "qwen2_5_vl"))
     return out
 
 
 def _json_string(escaped: str) -> str:
+    """The JSON string body `escaped` decoded, or as written when its escapes are bad (`a\\xb`)."""
     try:
         return json.loads(f'"{escaped}"')
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, and control characters json refuses inside strings
         return escaped
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gemvg.runtime.errors import InputError
 from gemvg.runtime.grounding import (Box, ImageGeometry, build_instruction, follows_mode, format_answer,
                                      has_parsable_answer, parse_answer)
 
@@ -61,5 +62,5 @@ def test_instruction_modes():
     assert build_instruction("the cup", "qwen2_vl", "raw") == "the cup"
     assert "0 to 1000" in build_instruction("the cup", "qwen2_vl", "direct")
     assert "<think>" in build_instruction("the cup", "qwen2_5_vl", "cot")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         build_instruction("the cup", "qwen2_vl", "fast")
