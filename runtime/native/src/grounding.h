@@ -1,0 +1,27 @@
+// The grounding language (runtime/grounding.py), natively: instructions per mode and box parsing
+// into original pixels.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace gemvg {
+
+struct Box {
+    int image = 0;
+    double x1 = 0, y1 = 0, x2 = 0, y2 = 0;
+    std::string label;
+};
+
+struct ImageGeometry {
+    int width = 0, height = 0, resized_width = 0, resized_height = 0;
+};
+
+bool is_mode(const std::string &mode);
+bool is_family(const std::string &family);
+// The user text for a query: raw sends it verbatim; direct and cot add the family's format.
+std::string build_instruction(const std::string &query, const std::string &family, const std::string &mode);
+// Boxes in a whole completion, mapped to original pixels and clamped (parse_answer).
+std::vector<Box> parse_answer(const std::string &text, const std::string &family, const std::vector<ImageGeometry> &geometries);
+
+}  // namespace gemvg

@@ -1,0 +1,63 @@
+// Images in, model pixels out (runtime/preprocess.py and runtime/vision.py, natively).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gemvg {
+
+struct Rgb8Image {
+    int width = 0, height = 0;
+    std::vector<uint8_t> pixels;  // RGB, rows of 3 * width bytes
+};
+
+// The checkpoint's preprocessor parameters, as the manifest records them.
+struct PreprocessConfig {
+    long long min_pixels = 0, max_pixels = 0;
+    int patch_size = 14, temporal_patch_size = 2, merge_size = 2;
+    double image_mean[3] = {0, 0, 0}, image_std[3] = {1, 1, 1};
+    double rescale_factor = 1.0 / 255;
+    long long max_image_pixels = 0;
+};
+
+struct VisionConfig {
+    int hidden_size = 0, out_hidden_size = 0, num_heads = 0, head_dim = 0;
+    double rope_theta = 10000;
+    int patch_size = 14, spatial_merge_size = 2;
+    int window_size = 0;  // Qwen2.5-VL window attention in pixels; 0 = none
+};
+
+struct PreparedImage {
+    std::vector<float> pixel_values;  // [grid_h * grid_w, 3 * temporal * patch * patch]
+    int grid_t = 1, grid_h = 0, grid_w = 0;
+    int width = 0, height = 0, resized_width = 0, resized_height = 0;
+    std::string key;  // content hash of the decoded image: the feature and prefix caches' key
+    size_t patch_dim = 0;
+};
+
+// The vision encoder's inputs for one image (window fields empty without window attention).
+struct VisionFeeds {
+    std::vector<float> pixel_values, rotary_cos, rotary_sin;  // [patches, patch_dim] / [patches, head_dim]
+    std::vector<int64_t> window_gather;                        // [windows, longest]
+    std::vector<float> window_bias;                            // [windows, 1, 1, longest]
+    std::vector<int64_t> window_scatter;                       // [patches]
+    int64_t windows = 0, longest = 0;
+    std::vector<int64_t> restore_order;  // merged-token permutation back to raster order (windows only)
+};
+
+// Decodes a JPEG or PNG file to RGB8 (EXIF orientation applied for JPEG), checking the size against
+// max_image_pixels from the header before decoding. Throws Error(Image) with one line.
+Rgb8Image load_image_file(const std::string &path, long long max_image_pixels);
+// Copies a caller's RGB8 frame (stride 0 = 3 * width).
+Rgb8Image rgb_image(const uint8_t *pixels, int width, int height, int stride, long long max_image_pixels,
+                    const std::string &name);
+
+// Qwen2-VL's resize rule (Python's round: half to even). Returns {height, width}.
+std::pair<int, int> smart_resize(int height, int width, int factor, long long min_pixels, long long max_pixels);
+// PIL's bicubic resample of an 8-bit RGB image (Image.resize(..., BICUBIC)), bit for bit.
+Rgb8Image resize_bicubic(const Rgb8Image &image, int width, int height);
+PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &config);
+VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config);
+
+}  // namespace gemvg
