@@ -4,6 +4,10 @@
     gemvg-train convert --format mig-bench --input MIG_data.json --out data.jsonl [--image-root DIR]
     gemvg-train sft  --model CKPT --data data.jsonl --output DIR [--max-steps N] [--config YAML] [--lora]
     gemvg-train grpo --model CKPT --data data.jsonl --output DIR [--max-steps N] [--config YAML] [--lora]
+    gemvg-train curriculum --stage single|distractors|multi --out DIR --num-samples N --seed S
+    gemvg-train recipe --out DIR [--scale F]          # the demo model: base, curriculum SFT, GRPO, held-out scores
+    gemvg-train ship-demo --model DIR [--dest DIR]     # the trained model + a held-out scene into the demo data
+    gemvg-train eval (--model CKPT | --bundle DIR) --data data.jsonl [--mode raw|direct] [--limit N] [--out J]
 
 Bad input (missing files, bad config, data that is not a sample) is one line on stderr and exit 2.
 """
@@ -35,6 +39,29 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path, help="JSONL to write")
     convert.add_argument("--image-root", type=Path, help="folder the dataset's image paths are relative to")
     convert.add_argument("--annotations", type=Path, help="MC-Bench: mc-bench_v0.2_val.json, for the prompt styles")
+
+    curriculum = commands.add_parser("curriculum", help="write one stage of the demo model's curriculum")
+    curriculum.add_argument("--stage", required=True, choices=["single", "distractors", "multi"])
+    curriculum.add_argument("--out", required=True, type=Path)
+    curriculum.add_argument("--num-samples", required=True, type=int)
+    curriculum.add_argument("--seed", type=int, default=0)
+
+    recipe = commands.add_parser("recipe", help="train the demo model from scratch (resumable)")
+    recipe.add_argument("--out", required=True, type=Path)
+    recipe.add_argument("--scale", type=float, default=1.0, help="multiplies every step and sample count")
+
+    ship = commands.add_parser("ship-demo", help="write a trained model and a scene it answers into the demo data")
+    ship.add_argument("--model", required=True, type=Path, help="the recipe's final model (e.g. runs/demo/grpo)")
+    ship.add_argument("--dest", type=Path, help="default: gemvg/runtime/demo_data (package data)")
+
+    evaluation = commands.add_parser("eval", help="held-out Acc@0.5 and mean IoU of a checkpoint or bundle")
+    which = evaluation.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="Hugging Face checkpoint directory")
+    which.add_argument("--bundle", type=Path, help="gemvg bundle directory (run by the runtime Engine)")
+    evaluation.add_argument("--data", required=True, type=Path, help="our JSONL with targets")
+    evaluation.add_argument("--mode", choices=["raw", "direct"], default="direct", help="how the query is prompted")
+    evaluation.add_argument("--limit", type=int, help="score the first N samples only")
+    evaluation.add_argument("--out", type=Path, help="JSON with the scores and every answer")
 
     for name, what in (("sft", "supervised fine-tuning (TRL SFTTrainer)"), ("grpo", "GRPO (TRL GRPOTrainer)")):
         command = commands.add_parser(name, help=what)
@@ -74,6 +101,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_family
+    from .evaluate import evaluate
+    from .schema import read_jsonl
+
+    if args.limit is not None and args.limit < 1:
+        raise DataError("--limit must be at least 1")
+    if args.model is not None:
+        checkpoint_family(args.model)  # a clear error before torch loads
+    elif not args.bundle.is_dir():
+        raise DataError(f"bundle not found: {args.bundle}")
+    samples = [s for s in read_jsonl(args.data) if s.targets][: args.limit]
+    if not samples:
+        raise DataError(f"{args.data}: no samples with targets")
+    scores = evaluate(samples, model_dir=args.model, bundle=args.bundle, mode=args.mode, out_json=args.out)
+    print(f"gemvg-train eval: {scores.line()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -85,6 +131,30 @@ def main(argv: list[str] | None = None) -> int:
             path = write_dataset(args.out, args.num_samples, args.seed)
             print(f"gemvg-train synth: wrote {args.num_samples} samples to {path}")
             return 0
+        if args.command == "curriculum":
+            from .curriculum import write_stage
+
+            if args.num_samples < 1:
+                raise DataError("--num-samples must be at least 1")
+            path = write_stage(args.out, args.stage, args.num_samples, args.seed)
+            print(f"gemvg-train curriculum: wrote {args.num_samples} {args.stage} samples to {path}")
+            return 0
+        if args.command == "recipe":
+            from .recipe import run_recipe
+
+            if args.scale <= 0:
+                raise DataError("--scale must be above 0")
+            print(f"gemvg-train recipe: final model in {run_recipe(args.out, args.scale)}")
+            return 0
+        if args.command == "ship-demo":
+            from .checkpoint import checkpoint_family
+            from .recipe import ship_demo
+
+            checkpoint_family(args.model)
+            print(f"gemvg-train ship-demo: wrote {ship_demo(args.model, args.dest)}")
+            return 0
+        if args.command == "eval":
+            return _evaluate(args)
         if args.command == "convert":
             samples = load_samples(args.input, args.format, args.image_root, args.annotations)
             write_jsonl(samples, args.out)

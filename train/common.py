@@ -51,10 +51,10 @@ def dataset_for(inputs: RunInputs, with_completion: bool):
 
 def describe_run(stage: str, model_dir, data_path, inputs: RunInputs, dataset, config: RunConfig) -> str:
     """One line on what is about to be trained; the modes are the effective ones (after SFT's fallbacks)."""
-    modes = Counter(dataset["mode"])
+    modes = ", ".join(f"{mode} {count}" for mode, count in sorted(Counter(dataset["mode"]).items()))
     lora = f", LoRA r={config.lora.r}" if config.lora.enabled else ""
-    return (f"gemvg-train {stage}: {len(dataset)} samples from {data_path} (cot {modes['cot']}, "
-            f"direct {modes['direct']}), model {model_dir} ({inputs.family}){lora}")
+    return (f"gemvg-train {stage}: {len(dataset)} samples from {data_path} ({modes}), "
+            f"model {model_dir} ({inputs.family}){lora}")
 
 
 def trainer_args(config_cls, output_dir: str | Path, config: RunConfig, max_steps: int | None, defaults: dict):
@@ -91,6 +91,12 @@ def export_ready_callback(base_dir: str | Path):
                 copy_companion_files(base_dir, checkpoint)
 
     return ExportReadyCheckpoints()
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` a stopped run left in `output_dir` (to resume from), or None."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
 def finish(trainer, base_dir: str | Path, output_dir: str | Path, curve_name: str, keep) -> Path:

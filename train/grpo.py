@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import RunInputs, check_inputs, dataset_for, describe_run, export_ready_callback, finish, trainer_args
+from .common import (RunInputs, check_inputs, dataset_for, describe_run, export_ready_callback, finish,
+                     latest_checkpoint, trainer_args)
 from .config import ConfigError, RunConfig
 from .curves import is_reward_metric
 from .rewards import REWARD_FUNCTIONS
@@ -33,7 +34,7 @@ def reward_setup(weights: dict) -> tuple[list, list[float]]:
 
 
 def run_grpo(model_dir: str | Path, data_path: str | Path, output_dir: str | Path, config: RunConfig,
-             max_steps: int | None = None, inputs: RunInputs | None = None) -> Path:
+             max_steps: int | None = None, inputs: RunInputs | None = None, resume: bool = False) -> Path:
     inputs = inputs or check_inputs(model_dir, data_path, config)
     funcs, weights = reward_setup(config.rewards)
     from trl import GRPOConfig, GRPOTrainer
@@ -52,5 +53,5 @@ def run_grpo(model_dir: str | Path, data_path: str | Path, output_dir: str | Pat
         peft_config=config.lora.peft_config(),
         callbacks=[export_ready_callback(model_dir)],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir) if resume else None)
     return finish(trainer, model_dir, output_dir, "reward_curves", is_reward_metric)

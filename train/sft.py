@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import RunInputs, check_inputs, dataset_for, describe_run, export_ready_callback, finish, trainer_args
+from .common import (RunInputs, check_inputs, dataset_for, describe_run, export_ready_callback, finish,
+                     latest_checkpoint, trainer_args)
 from .config import RunConfig
 from .curves import is_loss_metric
 
@@ -22,7 +23,7 @@ SFT_DEFAULTS = {
 
 
 def run_sft(model_dir: str | Path, data_path: str | Path, output_dir: str | Path, config: RunConfig,
-            max_steps: int | None = None, inputs: RunInputs | None = None) -> Path:
+            max_steps: int | None = None, inputs: RunInputs | None = None, resume: bool = False) -> Path:
     inputs = inputs or check_inputs(model_dir, data_path, config)
     from trl import SFTConfig, SFTTrainer
 
@@ -39,5 +40,5 @@ def run_sft(model_dir: str | Path, data_path: str | Path, output_dir: str | Path
         peft_config=config.lora.peft_config(),
         callbacks=[export_ready_callback(model_dir)],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir) if resume else None)
     return finish(trainer, model_dir, output_dir, "loss_curve", is_loss_metric)

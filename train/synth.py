@@ -16,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw
 
@@ -511,13 +512,15 @@ def make_sample(index: int, seed: int = 0, task: str | None = None) -> SynthSamp
     raise RuntimeError(f"synth: no layout fits for sample {index} ({task})")  # not reached with these sizes
 
 
-def write_dataset(out_dir: str | Path, num_samples: int, seed: int = 0) -> Path:
-    """Write `num_samples` samples: images under out_dir/images and out_dir/data.jsonl. Returns the JSONL path."""
+def write_dataset(out_dir: str | Path, num_samples: int, seed: int = 0,
+                  make: Callable[[int, int], SynthSample] = make_sample) -> Path:
+    """Write `num_samples` samples of `make(index, seed)`: images under out_dir/images and out_dir/data.jsonl.
+    Returns the JSONL path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     samples = []
     for index in range(num_samples):
-        made = make_sample(index, seed)
+        made = make(index, seed)
         for name, image in zip(made.sample.images, made.images):
             image.save(out / name, format="PNG")
         samples.append(replace(made.sample, images=[str(out / name) for name in made.sample.images]))
