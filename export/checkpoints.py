@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -60,6 +62,12 @@ class Preset:
     max_pixels: int = 28 * 28 * 1280
     min_pixels: int = 56 * 56
     initializer_range: float = 0.02
+    family: str | None = None  # a real model's family; None: either
+    fullatt_block_indexes: tuple[int, ...] | None = None  # qwen2_5_vl; default every fourth block
+    # Real shapes are written as real checkpoints are: bf16 shards with hub tensor names, one tensor at a
+    # time from a model built on the meta device (a 7B never sits in memory). Small presets are saved by
+    # transformers from an initialised model.
+    real_shape: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -70,9 +78,14 @@ PRESETS: dict[str, Preset] = {
     "linear-heavy": Preset(256, 4, 4, 2, 1024, 320, (8, 12, 12), 32, 2, 2, 64, max_pixels=28 * 28 * 64),
     # REFERENCE.md §4's bench model: Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
     "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (8, 12, 12), 640, 8, 10, 1712, tie_word_embeddings=True),
-    # Qwen2-VL-2B's real dimensions.
+    # The published models' dimensions (their config.json files).
     "qwen2-vl-2b": Preset(1536, 28, 12, 2, 8960, 151936, (16, 24, 24), 1280, 32, 16, 5120,
-                          tie_word_embeddings=True),
+                          tie_word_embeddings=True, max_pixels=12845056, family="qwen2_vl", real_shape=True),
+    "qwen2-vl-7b": Preset(3584, 28, 28, 4, 18944, 152064, (16, 24, 24), 1280, 32, 16, 5120,
+                          max_pixels=12845056, family="qwen2_vl", real_shape=True),
+    "qwen2.5-vl-3b": Preset(2048, 36, 16, 2, 11008, 151936, (16, 24, 24), 1280, 32, 16, 3420,
+                            tie_word_embeddings=True, max_pixels=12845056, family="qwen2_5_vl",
+                            fullatt_block_indexes=(7, 15, 23, 31), real_shape=True),
 }
 
 
@@ -122,7 +135,9 @@ def _config_dict(family: str, preset: Preset, token_ids: dict[str, int]) -> dict
             "intermediate_size": preset.vision_intermediate, "out_hidden_size": preset.text_hidden,
             "num_heads": preset.vision_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
             "window_size": 112, "hidden_act": "silu",
-            "fullatt_block_indexes": [i for i in range(preset.vision_layers) if i % 4 == 3] or [preset.vision_layers - 1],
+            "fullatt_block_indexes": list(preset.fullatt_block_indexes or
+                                          [i for i in range(preset.vision_layers) if i % 4 == 3] or
+                                          [preset.vision_layers - 1]),
             "initializer_range": preset.initializer_range,
         }
     return {
@@ -136,17 +151,22 @@ def _config_dict(family: str, preset: Preset, token_ids: dict[str, int]) -> dict
     }
 
 
-def make_checkpoint(out_dir: str | Path, family: str = "qwen2_vl", preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint (config, safetensors, tokenizer, preprocessor, chat template)."""
+def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str = "tiny", seed: int = 0,
+                    progress=None) -> Path:
+    """Write a random-weight checkpoint (config, safetensors, tokenizer, preprocessor, chat template).
+    `family` defaults to the preset's own (real shapes) or qwen2_vl."""
     import torch
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
-    if family not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(f"unknown family {family!r}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     dims = PRESETS[preset]
+    family = family or dims.family or "qwen2_vl"
+    if family not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"unknown family {family!r}")
+    if dims.family and family != dims.family:
+        raise ValueError(f"preset {preset!r} is a {dims.family} model, not {family}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -156,12 +176,21 @@ def make_checkpoint(out_dir: str | Path, family: str = "qwen2_vl", preset: str =
                              else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
     config = config_cls(**_config_dict(family, dims, token_ids))
     config.architectures = [model_cls.__name__]
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    model.generation_config.eos_token_id = [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = token_ids["<|endoftext|>"]
-    model.save_pretrained(out)
+    generation = GenerationConfig(eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+                                  pad_token_id=token_ids["<|endoftext|>"], bos_token_id=token_ids["<|endoftext|>"])
+    if dims.real_shape:
+        config.dtype = "bfloat16"
+        config.save_pretrained(out)
+        generation.save_pretrained(out)
+        with torch.device("meta"):
+            meta = model_cls(config)
+        write_random_weights(out, meta, dims, seed, progress)
+        del meta
+    else:
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+        model.generation_config = generation
+        model.save_pretrained(out)
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None)
@@ -176,3 +205,33 @@ def make_checkpoint(out_dir: str | Path, family: str = "qwen2_vl", preset: str =
         "do_normalize": True, "do_convert_rgb": True, "resample": 3,
     }, indent=2))
     return out
+
+
+def hub_name(name: str) -> str:
+    """transformers 5's parameter name -> the name published checkpoints store it under."""
+    for ours, hub in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+        if name.startswith(ours):
+            return hub + name[len(ours):]
+    return name
+
+
+def write_random_weights(out: Path, meta_model, dims: Preset, seed: int, progress=None) -> None:
+    """bf16 shards of random weights for every parameter of a meta-device model: matrices and embeddings
+    normal(0, initializer_range), norm weights 1, biases 0 (HF's init), each made and written alone."""
+    from .safetensors_io import write_sharded
+
+    shapes = {hub_name(name): tuple(tensor.shape) for name, tensor in meta_model.state_dict().items()}
+    if dims.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # published tied checkpoints store the embedding only
+    rng = np.random.default_rng(seed)
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.endswith(".bias"):
+            return np.zeros(shape, np.float32)
+        if len(shape) == 1 and ("norm" in name or "ln_q" in name):
+            return np.ones(shape, np.float32)
+        values = rng.standard_normal(shape, dtype=np.float32)
+        values *= dims.initializer_range
+        return values
+
+    write_sharded(out, shapes, make, progress=progress)

@@ -15,8 +15,8 @@ from .quantize import UPGRADE_BUDGET
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemvg-export", description=__doc__)
-    parser.add_argument("--model", help="checkpoint folder in HF layout (config.json, safetensors, ...); "
-                        "required unless --fp32-bundle is given")
+    parser.add_argument("--model", help="checkpoint: a folder in HF layout (config.json, safetensors, ...) or a model "
+                        "id (Org/Name) already in the local Hugging Face cache; required unless --fp32-bundle is given")
     parser.add_argument("--out", required=True, help="bundle folder to write")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4", "int8w"],
                         help="fp32; int8: static INT8 (Q/DQ) vision and decoder, calibrated; int4 / int8w: "
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens limit")
     parser.add_argument("--max-images", type=int, default=16, help="images per request limit")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
+    parser.add_argument("--verify-layers", type=int, nargs="+", metavar="I",
+                        help="decoder layers of the check against PyTorch (default: the first, middle and last)")
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--calibration", metavar="CALIB.jsonl",
                        help='calibration requests, one {"images": [...], "query": "..."} per line (relative '
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "float (int8) or get 8 bits (int4) until it is met")
     quant.add_argument("--upgrade-budget", type=float, default=UPGRADE_BUDGET, metavar="FRACTION",
                        help="int4/int8w: at most this fraction of the decoder's weights may get 8 bits (int4) or "
-                            "stay float (int8w) to meet the target cosine; 0 = every MatMul at the precision's "
-                            "bits, as ORT GenAI's int4")
+                            "stay float (int8w) to meet the target cosine (e.g. 0.25; measured on whole graphs, so "
+                            "it holds an fp32 decoder in memory); default 0: every MatMul at the precision's bits, "
+                            "as ORT GenAI's int4, quantized while streaming from the checkpoint")
     quant.add_argument("--step-decoder", choices=["int8w", "int4"],
                        help="int8: also write a weight-only decoder (MatMulNBits, --block-size) that the engine "
                             "uses for one-token decode steps; static INT8 stays for prompts (faster per token, "
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                             calibration_samples=args.calibration_samples, block_size=args.block_size,
                             accuracy_level=args.accuracy_level, target_cosine=args.target_cosine,
                             upgrade_budget=args.upgrade_budget, step_decoder=args.step_decoder,
-                            fp32_bundle=args.fp32_bundle, target=args.target)
+                            fp32_bundle=args.fp32_bundle, target=args.target,
+                            verify_layers=tuple(args.verify_layers) if args.verify_layers else None)
     try:
         manifest = export_bundle(args.model, args.out, options)
         report = manifest.extra.get("quantization", {}).get("report")

@@ -1,4 +1,5 @@
-"""The text decoder written directly as an ONNX graph of ONNX Runtime's fused operators.
+"""The text decoder written directly as an ONNX graph of ONNX Runtime's fused operators (and the token
+embedding as one Gather), streamed from the checkpoint one tensor at a time.
 
 Like ORT GenAI's model builder, the graph is built node by node from the checkpoint's weights rather
 than traced, so it uses exactly the kernels that make CPU decoding fast:
@@ -16,38 +17,192 @@ than traced, so it uses exactly the kernels that make CPU decoding fast:
   feed nothing (their keys and values are already cached), so its o_proj, MLP, the final norm and the
   lm_head see one row; exact, and it saves 1/num_layers of the prefill's MLP work.
 
-I/O (the bundle's convention): inputs_embeds [1, S, hidden], cache_positions [1, S] int64 (the cache
-slots of the S tokens), rotary_cos / rotary_sin [capacity, head_dim / 2] (row i: the angles of the token
-in slot i), past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim], seqlens_k [1] int32 (index
-of the last valid position), total_sequence_length [] int32 -> logits [1, 1, vocab], present_key_{i} /
-present_value_{i} (the same buffers as the past ones).
+Streaming: every weight is read from the checkpoint when its node is written, converted (transposed to
+float32 [in, out] for MatMul, or block-quantized to MatMulNBits' layout with ONNX Runtime's own C++
+quantizer, the same one MatMulNBitsQuantizer calls) and appended to `decoder.onnx.data`; the graph only
+records its offset. What the builder holds is one weight in pieces, so its memory does not grow with
+the number of layers, and a weight-only decoder is written without an fp32 one ever existing.
+
+I/O (the bundle's convention, gemvg.runtime.bundle_io): inputs_embeds [1, S, hidden], cache_positions
+[1, S] int64 (the cache slots of the S tokens), rotary_cos / rotary_sin [capacity, head_dim / 2] (row i:
+the angles of the token in slot i), past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim],
+seqlens_k [1] int32 (index of the last valid position), total_sequence_length [] int32 -> logits
+[1, 1, vocab], present_key_{i} / present_value_{i} (the same buffers as the past ones).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gemvg.runtime import bundle_io as io
 from gemvg.runtime.manifest import TextConfig
 
-from .onnx_files import save_graph
+from .onnx_files import weights_file
+from .safetensors_io import CheckpointTensors
 
 OPSET = 17
+ALIGNMENT = 4096  # every external tensor starts on a page: ONNX Runtime maps them in place
+INLINE_BYTES = 1024  # smaller tensors stay in the graph
+CHUNK_BYTES = 128 << 20  # a weight is converted in pieces of at most this many float32 bytes
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the decoder's MatMul weights are stored: float32 MatMul, or MatMulNBits with `bits`."""
+
+    bits: int | None = None  # None: float32; 4 or 8: weight-only block quantization, symmetric
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute on CPU
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.bits is None else f"{self.bits}-bit block {self.block_size}"
+
+
+class WeightFile:
+    """Tensors appended to a graph's `<name>.data` as they are made; each TensorProto records its offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = open(path, "wb")
+        self.offset = 0
+        self.written: dict[str, TensorProto] = {}
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def _external(self, name: str, data_type: int, shape: Sequence[int], length: int) -> TensorProto:
+        tensor = TensorProto(name=name, data_type=data_type, dims=list(shape),
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.written[name] = tensor
+        return tensor
+
+    def _pad(self) -> None:
+        padding = -self.offset % ALIGNMENT
+        if padding:
+            self.handle.write(b"\0" * padding)
+            self.offset += padding
+
+    def array(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < INLINE_BYTES:
+            tensor = numpy_helper.from_array(array, name)
+            self.written[name] = tensor
+            return tensor
+        self._pad()
+        tensor = self._external(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, array.nbytes)
+        self.handle.write(array.tobytes())
+        self.offset += array.nbytes
+        return tensor
+
+    def rows(self, name: str, dtype: np.dtype, shape: Sequence[int], pieces: Iterable[np.ndarray]) -> TensorProto:
+        """A tensor written as consecutive row blocks (its C order), none of them held together."""
+        self._pad()
+        length = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        tensor = self._external(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape, length)
+        written = 0
+        for piece in pieces:
+            data = np.ascontiguousarray(piece, dtype).tobytes()
+            self.handle.write(data)
+            written += len(data)
+        if written != length:
+            raise ValueError(f"{name}: wrote {written} bytes, expected {length}")
+        self.offset += length
+        return tensor
+
+    def transposed(self, name: str, row_blocks: Iterable[tuple[int, np.ndarray]], rows: int, cols: int) -> TensorProto:
+        """float32 [cols, rows] from blocks of the [rows, cols] matrix (HF's [out, in] -> MatMul's [in, out]):
+        each block's columns go to their place in every output row, so the whole is never held."""
+        self._pad()
+        tensor = self._external(name, TensorProto.FLOAT, (cols, rows), rows * cols * 4)
+        base = self.offset
+        self.handle.flush()
+        descriptor = self.handle.fileno()
+        os.ftruncate(descriptor, base + rows * cols * 4)
+        for first, block in row_blocks:
+            transposed = np.ascontiguousarray(block.T, np.float32)  # [cols, block rows]
+            for column, line in enumerate(transposed):
+                os.pwrite(descriptor, line.tobytes(), base + (column * rows + first) * 4)
+            del transposed
+        self.offset += rows * cols * 4
+        self.handle.seek(self.offset)
+        return tensor
+
+
+def quantize_rows(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """HF rows [N, K] -> MatMulNBits' B [N, blocks, blob] (uint8) and scales [N, blocks], symmetric, with
+    ONNX Runtime's C++ block quantizer (what MatMulNBitsQuantizer uses: byte-identical results)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    kn = np.zeros((blocks * block_size, n), np.float32)
+    kn[:k] = weight.T
+    blob = block_size * bits // 8
+    packed = np.zeros((n, blocks, blob), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks + (8 // bits) - 1) // (8 // bits)), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, kn, scales, zero_points, block_size, n, k, True)
+    return packed, scales
+
+
+class DecoderSource:
+    """The decoder's weights from a checkpoint, each as row blocks of HF's [out, in] layout."""
+
+    def __init__(self, tensors: CheckpointTensors, tied_embeddings: bool):
+        self.tensors = tensors
+        self.lm_head = "text.embed_tokens.weight" if tied_embeddings or "lm_head.weight" not in tensors \
+            else "lm_head.weight"
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.tensors.get(name)
+
+    def rows_of(self, name: str) -> int:
+        return self.tensors.shape(name)[0]
+
+    def blocks(self, names: Sequence[str]) -> Iterable[tuple[int, np.ndarray]]:
+        """(first row, rows) of the weights `names` stacked along their output axis."""
+        offset = 0
+        for name in names:
+            rows, cols = self.tensors.shape(name)
+            for first, block in self.tensors.row_chunks(name, CHUNK_BYTES // 2):
+                yield offset + first, block
+            offset += rows
 
 
 class GraphBuilder:
     """Just enough structure to write a graph readably: unique names, constants, one call per node."""
 
-    def __init__(self):
+    def __init__(self, weights: WeightFile | None = None, reused: dict[str, TensorProto] | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
+        self.weights = weights
+        self.reused = reused  # a check graph: tensors by name from the written bundle
 
-    def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    def _known(self, name: str) -> str | None:
+        if self.reused is not None:
+            self.initializers.append(self.reused[name])
+            return name
+        return None
+
+    def constant(self, name: str, make: Callable[[], np.ndarray]) -> str:
+        if self._known(name):
+            return name
+        array = np.ascontiguousarray(make())
+        self.initializers.append(self.weights.array(name, array) if self.weights else
+                                 numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
@@ -57,86 +212,151 @@ class GraphBuilder:
                                            **attrs))
         return names[0] if len(names) == 1 else names
 
+    def linear(self, x: str, name: str, source: DecoderSource, pieces: Sequence[str], fmt: WeightFormat,
+               bias: Sequence[str] = (), output: str | None = None) -> str:
+        """x @ W.T (+ bias) for the HF weights `pieces` stacked along their output axis: a MatMul over a
+        float32 [in, out] weight, or a MatMulNBits over the block-quantized rows (the bias as its input)."""
+        out_features = sum(source.rows_of(p) for p in pieces)
+        in_features = source.tensors.shape(pieces[0])[1]
+        bias_name = None
+        if bias:
+            bias_name = self.constant(f"{name}_bias",
+                                      lambda: np.concatenate([source.vector(b) for b in bias]))
+        if fmt.bits is None:
+            if not self._known(name):
+                self.initializers.append(self.weights.transposed(name, source.blocks(pieces), out_features,
+                                                                 in_features))
+            if bias_name:
+                return self.op("Add", [self.op("MatMul", [x, name]), bias_name], outputs=[output] if output else 1)
+            return self.op("MatMul", [x, name], outputs=[output] if output else 1)
+        packed, scales = f"{name}_Q{fmt.bits}", f"{name}_scales"
+        if not self._known(packed):
+            scale_blocks: list[np.ndarray] = []
 
-def _linear_weight(linear) -> np.ndarray:
-    """HF Linear stores [out, in]; MatMul wants [in, out]."""
-    return linear.weight.detach().float().numpy().T
+            def quantized() -> Iterable[np.ndarray]:
+                for _, block in source.blocks(pieces):
+                    q, s = quantize_rows(block, fmt.bits, fmt.block_size)
+                    scale_blocks.append(s)
+                    yield q
+
+            blocks = -(-in_features // fmt.block_size)
+            self.initializers.append(self.weights.rows(packed, np.uint8,
+                                                       (out_features, blocks, fmt.block_size * fmt.bits // 8),
+                                                       quantized()))
+            self.initializers.append(self.weights.array(scales, np.concatenate(scale_blocks)))
+        else:
+            self._known(scales)
+        attrs = {"K": in_features, "N": out_features, "bits": fmt.bits, "block_size": fmt.block_size}
+        if fmt.accuracy_level:
+            attrs["accuracy_level"] = fmt.accuracy_level
+        inputs = [x, packed, scales] + (["", "", bias_name] if bias_name else [])
+        self.count += 1
+        node_name = f"MatMul_{self.count}_Q{fmt.bits}"
+        output = output or f"matmulnbits_{self.count}_0"
+        self.nodes.append(helper.make_node("MatMulNBits", inputs, [output], name=node_name, domain="com.microsoft",
+                                           **attrs))
+        return output
 
 
-def build_decoder(model, text: TextConfig, out_path: Path) -> tuple[list[str], list[str]]:
-    """Write decoder.onnx (+ its weights, decoder.onnx.data) for a Qwen2-VL / Qwen2.5-VL model."""
-    language_model = model.model.language_model
-    g = GraphBuilder()
+def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, intermediate_size: int,
+                  out_path: Path, fmt: WeightFormat = WeightFormat(), layers: Sequence[int] | None = None,
+                  reused: dict[str, TensorProto] | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[list[str], list[str], dict]:
+    """Write `out_path` (+ `<name>.data`) for the decoder's `layers` (default all). With `reused`, the graph
+    refers to tensors already written under those names (a check graph over part of a bundle's decoder)
+    and writes no weights. Returns the input names, output names and the written tensors by name."""
+    import time
+
+    layers = list(range(text.num_layers) if layers is None else layers)
+    weights = None if reused is not None else WeightFile(weights_file(out_path))
+    g = GraphBuilder(weights, reused)
     heads, kv_heads, head_dim, hidden = text.num_heads, text.num_kv_heads, text.head_dim, text.hidden_size
-    layers = range(text.num_layers)
-    eps = float(language_model.config.rms_norm_eps)
+    started = time.perf_counter()
 
-    inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq", hidden]),
-              helper.make_tensor_value_info("cache_positions", TensorProto.INT64, [1, "seq"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, text.vocab_size])]
+    inputs = [helper.make_tensor_value_info(io.DECODER_INPUTS_EMBEDS, TensorProto.FLOAT, [1, "seq", hidden]),
+              helper.make_tensor_value_info(io.DECODER_CACHE_POSITIONS, TensorProto.INT64, [1, "seq"])]
+    outputs = [helper.make_tensor_value_info(io.DECODER_LOGITS, TensorProto.FLOAT, [1, 1, text.vocab_size])]
     cache_shape = [1, kv_heads, "capacity", head_dim]
-    for kind in ("key", "value"):
+    for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value)):
         for i in layers:
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, cache_shape))
-    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-               helper.make_tensor_value_info("rotary_cos", TensorProto.FLOAT, ["capacity", head_dim // 2]),
-               helper.make_tensor_value_info("rotary_sin", TensorProto.FLOAT, ["capacity", head_dim // 2])]
+            inputs.append(helper.make_tensor_value_info(past(i), TensorProto.FLOAT, cache_shape))
+            outputs.append(helper.make_tensor_value_info(present(i), TensorProto.FLOAT, cache_shape))
+    inputs += [helper.make_tensor_value_info(io.DECODER_SEQLENS_K, TensorProto.INT32, [1]),
+               helper.make_tensor_value_info(io.DECODER_TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+               helper.make_tensor_value_info(io.DECODER_ROTARY_COS, TensorProto.FLOAT, ["capacity", head_dim // 2]),
+               helper.make_tensor_value_info(io.DECODER_ROTARY_SIN, TensorProto.FLOAT, ["capacity", head_dim // 2])]
 
-    mlp_split = g.constant("mlp_split", np.array([text_intermediate(language_model)] * 2, np.int64))
+    mlp_split = g.constant("mlp_split", lambda: np.array([intermediate_size] * 2, np.int64))
+    last_start = g.constant("last_start", lambda: np.array([-1], np.int64))
+    last_end = g.constant("last_end", lambda: np.array([np.iinfo(np.int64).max], np.int64))
+    seq_axis = g.constant("seq_axis", lambda: np.array([1], np.int64))
 
     def last(name: str) -> str:
-        return g.op("Slice", [name, g.constant(f"last_start_{name}", np.array([-1], np.int64)),
-                              g.constant(f"last_end_{name}", np.array([np.iinfo(np.int64).max], np.int64)),
-                              g.constant(f"last_axis_{name}", np.array([1], np.int64))])
+        return g.op("Slice", [name, last_start, last_end, seq_axis])
 
-    residual = "inputs_embeds"
+    residual = io.DECODER_INPUTS_EMBEDS
     pending = None  # the previous sublayer's output, added to the residual by the next fused norm
     for i in layers:
-        layer = language_model.layers[i]
-        attn = layer.self_attn
-        norm_in = g.constant(f"l{i}_input_norm", layer.input_layernorm.weight.detach().float().numpy())
+        prefix = f"text.layers.{i}."
+        norm_in = g.constant(f"l{i}_input_norm", lambda: source.vector(prefix + "input_layernorm.weight"))
         if pending is None:
-            x = g.op("SimplifiedLayerNormalization", [residual, norm_in], axis=-1, epsilon=eps)
+            x = g.op("SimplifiedLayerNormalization", [residual, norm_in], axis=-1, epsilon=rms_norm_eps)
         else:
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm_in], outputs=4,
-                                     domain="com.microsoft", epsilon=eps)
-        qkv_w = np.concatenate([_linear_weight(attn.q_proj), _linear_weight(attn.k_proj), _linear_weight(attn.v_proj)], 1)
-        qkv_b = np.concatenate([attn.q_proj.bias.detach().float().numpy(), attn.k_proj.bias.detach().float().numpy(),
-                                attn.v_proj.bias.detach().float().numpy()])
-        qkv = g.op("Add", [g.op("MatMul", [x, g.constant(f"l{i}_qkv_weight", qkv_w)]), g.constant(f"l{i}_qkv_bias", qkv_b)])
+                                     domain="com.microsoft", epsilon=rms_norm_eps)
+        projections = [prefix + f"self_attn.{p}_proj" for p in "qkv"]
+        qkv = g.linear(x, f"l{i}_qkv_weight", source, [p + ".weight" for p in projections], fmt,
+                       bias=[p + ".bias" for p in projections])
         attended, _, _ = g.op("GroupQueryAttention",
-                              [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
-                               "rotary_cos", "rotary_sin", "cache_positions"],
-                              outputs=[f"l{i}_attention", f"present_key_{i}", f"present_value_{i}"],
+                              [qkv, "", "", io.past_key(i), io.past_value(i), io.DECODER_SEQLENS_K,
+                               io.DECODER_TOTAL_SEQUENCE_LENGTH, io.DECODER_ROTARY_COS, io.DECODER_ROTARY_SIN,
+                               io.DECODER_CACHE_POSITIONS],
+                              outputs=[f"l{i}_attention", io.present_key(i), io.present_value(i)],
                               domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-                              scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0)
+                              scale=float(head_dim ** -0.5), do_rotary=1, rotary_interleaved=0)
         if i == layers[-1]:  # from here on only the last position is needed
             attended, residual = last(attended), last(residual)
-        attn_out = g.op("MatMul", [attended, g.constant(f"l{i}_o_weight", _linear_weight(attn.o_proj))])
-        norm_post = g.constant(f"l{i}_post_norm", layer.post_attention_layernorm.weight.detach().float().numpy())
+        attn_out = g.linear(attended, f"l{i}_o_weight", source, [prefix + "self_attn.o_proj.weight"], fmt)
+        norm_post = g.constant(f"l{i}_post_norm", lambda: source.vector(prefix + "post_attention_layernorm.weight"))
         x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, norm_post], outputs=4,
-                                 domain="com.microsoft", epsilon=eps)
-        mlp = layer.mlp
-        gate_up_w = np.concatenate([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)], 1)
-        gate, up = g.op("Split", [g.op("MatMul", [x, g.constant(f"l{i}_gate_up_weight", gate_up_w)]), mlp_split],
-                        outputs=2, axis=-1)
+                                 domain="com.microsoft", epsilon=rms_norm_eps)
+        gate_up = g.linear(x, f"l{i}_gate_up_weight", source,
+                           [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"], fmt)
+        gate, up = g.op("Split", [gate_up, mlp_split], outputs=2, axis=-1)
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-        pending = g.op("MatMul", [activated, g.constant(f"l{i}_down_weight", _linear_weight(mlp.down_proj))])
+        pending = g.linear(activated, f"l{i}_down_weight", source, [prefix + "mlp.down_proj.weight"], fmt)
+        if progress and reused is None:
+            progress(f"  decoder layer {i + 1}/{len(layers)} written ({fmt.label}, "
+                     f"{time.perf_counter() - started:.1f} s)")
 
-    final, _, _, _ = g.op("SkipSimplifiedLayerNormalization",
-                          [pending, residual, g.constant("final_norm", language_model.norm.weight.detach().float().numpy())],
-                          outputs=4, domain="com.microsoft", epsilon=eps)
-    g.op("MatMul", [final, g.constant("lm_head_weight", _linear_weight(model.lm_head))], outputs=["logits"])
+    final_norm = g.constant("final_norm", lambda: source.vector("text.norm.weight"))
+    final, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [pending, residual, final_norm],
+                          outputs=4, domain="com.microsoft", epsilon=rms_norm_eps)
+    g.linear(final, "lm_head_weight", source, [source.lm_head], fmt, output=io.DECODER_LOGITS)
 
     graph = helper.make_graph(g.nodes, "gemvg_decoder", inputs, outputs, g.initializers)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                          helper.make_opsetid("com.microsoft", 1)],
                                    producer_name="gemvg")
-    save_graph(onnx_model, out_path)
-    return [v.name for v in inputs], [v.name for v in outputs]
+    if weights is not None:
+        weights.close()
+    onnx.save_model(onnx_model, str(out_path))
+    written = weights.written if weights is not None else reused
+    return [v.name for v in inputs], [v.name for v in outputs], written
 
 
-def text_intermediate(language_model) -> int:
-    return int(language_model.config.intermediate_size)
+def build_embedding(tensors: CheckpointTensors, out_path: Path) -> tuple[list[str], list[str]]:
+    """embed.onnx: one Gather over the token embedding, written from the checkpoint in row blocks."""
+    vocab, hidden = tensors.shape("text.embed_tokens.weight")
+    weights = WeightFile(weights_file(out_path))
+    table = weights.rows("embed_tokens", np.float32, (vocab, hidden),
+                         (block for _, block in tensors.row_chunks("text.embed_tokens.weight", CHUNK_BYTES // 2)))
+    weights.close()
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed_tokens", io.EMBED_INPUT_IDS], [io.EMBED_OUTPUT], name="Gather_0", axis=0)],
+        "gemvg_embed",
+        [helper.make_tensor_value_info(io.EMBED_INPUT_IDS, TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info(io.EMBED_OUTPUT, TensorProto.FLOAT, [1, "seq", hidden])], [table])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gemvg"),
+                    str(out_path))
+    return [io.EMBED_INPUT_IDS], [io.EMBED_OUTPUT]

@@ -2,7 +2,17 @@
 
 Everything the runtime needs is read from the checkpoint (config.json, generation_config.json,
 preprocessor_config.json, tokenizer.json, the chat template) and recorded in the manifest; nothing is
-hard-coded. The export ends by running the bundle against PyTorch on a generated multi-image input.
+hard-coded.
+
+The export streams: the model is never loaded whole. The vision tower is built alone from the vision
+weights and traced; the token embedding and the decoder are written tensor by tensor from the
+safetensors files (gemvg.export.decoder_builder), quantized as they are written for int4 / int8w. Peak
+memory is the vision tower (0.68B parameters at every Qwen2-VL size) or one decoder weight, whichever is
+larger, not the model. The export ends by checking the bundle part by part against PyTorch
+(gemvg.export.verify).
+
+Static INT8 and measured mixed precision (`upgrade_budget` > 0) calibrate and compare whole graphs, so
+they first stream an fp32 bundle into a temporary folder and quantize that (gemvg.export.quantize).
 """
 
 from __future__ import annotations
@@ -20,21 +30,32 @@ from typing import Callable
 
 import numpy as np
 
+from gemvg.runtime import bundle_io as io
 from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.manifest import (SCHEMA_VERSION, Limits, Manifest, PromptTemplate, TextConfig, TokenIds,
                                     VisionConfig, graph_file)
 from gemvg.runtime.preprocess import PreprocessConfig
 
-from .quantize import UPGRADE_BUDGET
+from .quantize import UPGRADE_BUDGET, WEIGHT_ONLY_BITS
 
 FAMILY_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_bias", "window_scatter")
+# transformers' vision tower and text model of each family: the parts the export builds alone.
+FAMILY_PARTS = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
+                 "Qwen2VLTextModel"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel",
+                   "Qwen2_5_VLTextModel"),
+}
+VISION_INPUTS = io.VISION_INPUTS
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb error threshold
 TARGETS = ("onnxruntime", "tensorrt")
 LOGITS_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max abs difference of last-position logits
+# A weight-only export is checked for its cosine against PyTorch's fp32 logits; under this it is broken,
+# not merely quantized (measured cosines of healthy 4-bit bundles are reported in the manifest).
+QUANTIZED_MIN_COSINE = 0.8
 
 
 class ExportError(GemvgError):
@@ -58,6 +79,7 @@ class ExportOptions:
     accuracy_level: int = 4
     target_cosine: float | None = None  # default by precision (gemvg.export.quantize.DEFAULT_TARGETS)
     upgrade_budget: float = UPGRADE_BUDGET  # weight-only: fraction of weights that may get 8 bits (int4) / stay float
+    verify_layers: tuple[int, ...] | None = None  # decoder layers of the check (default first, middle, last)
     step_decoder: str | None = None  # int8: int8w | int4 weight-only decoder for one-token steps
     fp32_bundle: str | Path | None = None  # quantize this fp32 bundle instead of exporting the checkpoint
     target: str = "onnxruntime"  # onnxruntime | tensorrt (also builds TensorRT engines)
@@ -238,61 +260,111 @@ def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] |
     return example, [name for name in VISION_INPUTS if example[name] is not None]
 
 
-def export_graphs(model, family: str, text: TextConfig, vision: VisionConfig, out: Path, opset: int,
-                  progress: Callable[[str], None],
-                  target: str = "onnxruntime") -> dict[str, tuple[list[str], list[str]]]:
-    """vision.onnx, embed.onnx and decoder.onnx in `out`. For onnxruntime the vision rotary is ONNX
-    Runtime's fused RotaryEmbedding; for tensorrt standard ops only (its parser takes the graph whole)."""
+def load_vision_tower(tensors, config, family: str):
+    """transformers' vision tower of `family` holding only the checkpoint's vision weights, in float32 (the
+    rest of the model is never built)."""
+    import importlib
+
+    import torch
+    from transformers.initialization import no_init_weights
+
+    module_name, vision_class, _ = FAMILY_PARTS[family]
+    cls = getattr(importlib.import_module(module_name), vision_class)
+    vision_config = config.vision_config
+    vision_config._attn_implementation = "eager"
+    with no_init_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        visual = cls._from_config(vision_config, dtype=torch.float32)
+    state = {name[len("visual."):]: torch.from_numpy(tensors.get(name)) for name in tensors.names("visual.")}
+    missing = sorted(set(visual.state_dict()) - set(state))
+    if missing:
+        raise ExportError(f"{tensors.model_dir}: checkpoint lacks vision weight {missing[0]!r}")
+    visual.load_state_dict(state, strict=True, assign=True)
+    return visual.eval()
+
+
+def text_model_class(family: str):
+    import importlib
+
+    module_name, _, text_class = FAMILY_PARTS[family]
+    return getattr(importlib.import_module(module_name), text_class)
+
+
+def export_vision(visual, family: str, vision: VisionConfig, out: Path, opset: int,
+                  target: str = "onnxruntime") -> tuple[list[str], list[str]]:
+    """vision.onnx from transformers' vision tower `visual`. For onnxruntime the rotary is ONNX Runtime's
+    fused RotaryEmbedding; for tensorrt standard ops only (its parser takes the graph whole)."""
     import torch
     from torch.export import Dim
 
-    from .decoder_builder import build_decoder
-    from .graphs import TokenEmbedding, VisionEncoder, rotary_translation
+    from .graphs import VisionEncoder, rotary_translation
 
-    names: dict[str, tuple[list[str], list[str]]] = {}
-    inner = model.model
-    patch_dim = inner.visual.patch_embed.in_channels * inner.visual.patch_embed.temporal_patch_size * \
-        inner.visual.patch_embed.patch_size ** 2
-
-    started = time.perf_counter()
-    progress("exporting vision encoder (1/3)")
+    patch_dim = visual.patch_embed.in_channels * visual.patch_embed.temporal_patch_size * \
+        visual.patch_embed.patch_size ** 2
     fused_rotary = target == "onnxruntime"
-    encoder = VisionEncoder(inner.visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes,
+    encoder = VisionEncoder(visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes,
                             fused_rotary).eval()
     translations = ({torch.ops.gemvg.vision_rotary.default: rotary_translation(vision.num_heads, vision.head_dim)}
                     if fused_rotary else None)
     example, vision_inputs = vision_example(vision, patch_dim)
     n = Dim("patches", min=4, max=1 << 20)
     windows, longest = Dim("windows", min=1, max=1 << 20), Dim("window_len", min=1, max=1 << 20)
-    shapes = {"pixel_values": {0: n}, "rotary_cos": {0: n}, "rotary_sin": {0: n},
-              "window_gather": {0: windows, 1: longest}, "window_bias": {0: windows, 3: longest},
-              "window_scatter": {0: n}}
+    shapes = {io.VISION_PIXEL_VALUES: {0: n}, io.VISION_ROTARY_COS: {0: n}, io.VISION_ROTARY_SIN: {0: n},
+              io.VISION_WINDOW_GATHER: {0: windows, 1: longest}, io.VISION_WINDOW_BIAS: {0: windows, 3: longest},
+              io.VISION_WINDOW_SCATTER: {0: n}}
     export_onnx(encoder, tuple(torch.from_numpy(example[name]) for name in vision_inputs), out / "vision.onnx",
-                vision_inputs, ["image_features"], tuple(shapes[name] for name in vision_inputs), opset, translations)
-    names["vision"] = (vision_inputs, ["image_features"])
-    progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s)")
+                vision_inputs, [io.VISION_OUTPUT], tuple(shapes[name] for name in vision_inputs), opset, translations)
+    return vision_inputs, [io.VISION_OUTPUT]
 
-    started = time.perf_counter()
-    progress("exporting token embedding (2/3)")
-    embedding = TokenEmbedding(inner.language_model.embed_tokens).eval()
-    seq = Dim("seq", min=1, max=1 << 20)
-    export_onnx(embedding, (torch.zeros(1, 5, dtype=torch.long),), out / "embed.onnx", ["input_ids"],
-                ["inputs_embeds"], ({1: seq},), opset)
-    names["embed"] = (["input_ids"], ["inputs_embeds"])
-    progress(f"  embed.onnx written ({time.perf_counter() - started:.1f} s)")
 
-    started = time.perf_counter()
-    progress("building text decoder with GroupQueryAttention and a shared KV cache (3/3)")
-    inputs, outputs = build_decoder(model, text, out / "decoder.onnx")
-    names["decoder"] = (inputs, outputs)
-    progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
-    return names
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A checkpoint folder, or a model id ("Org/Name") already in the local Hugging Face cache, resolved
+    without any network access."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.exists():
+        raise ExportError(f"checkpoint not found: {path} is not a folder")
+    if name.count("/") != 1 or name.startswith(("/", ".")):
+        raise ExportError(f"checkpoint not found: {path} is not a folder (nor a model id such as Org/Name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not cached"; none of them is ours to show
+        raise ExportError(f"checkpoint not found: {name} is neither a folder nor a model in the local Hugging Face "
+                          f"cache ({HF_HUB_CACHE}); download it there first (gemvg never downloads)") from None
+
+
+def check_checkpoint(model_dir: Path) -> str:
+    """The checkpoint's family, once the files an export reads are known to be there."""
+    family = detect_family(model_dir)
+    for needed in ("tokenizer.json", "preprocessor_config.json"):
+        if not (model_dir / needed).is_file():
+            raise ExportError(f"{model_dir}: checkpoint lacks {needed}")
+    return family
+
+
+def streams(options: ExportOptions) -> bool:
+    """Whether the bundle is written straight from the checkpoint (no fp32 bundle first)."""
+    if options.precision == "fp32":
+        return True
+    return (options.precision in WEIGHT_ONLY_BITS and options.upgrade_budget == 0 and not options.fp32_bundle
+            and options.quantize_options().vision == "fp32")
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
                   progress: Callable[[str], None] = log, build_tensorrt: bool = True) -> Manifest:
-    """Export a checkpoint to a bundle folder and (by default) verify it against PyTorch. With target
-    tensorrt the graphs are written for it and, unless build_tensorrt is False, its engines built."""
+    """Export a checkpoint (a folder or a cached model id) to a bundle folder and (by default) check it
+    against PyTorch. With target tensorrt the graphs are written for it and, unless build_tensorrt is
+    False, its engines built."""
+    from transformers import AutoConfig
+
+    from .decoder_builder import DecoderSource, WeightFormat, build_decoder, build_embedding
+    from .safetensors_io import CheckpointTensors
+
     options = options or ExportOptions()
     if options.target not in TARGETS:
         raise ExportError(f"unknown target {options.target!r}; expected {', '.join(TARGETS)}")
@@ -301,76 +373,135 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 
         check_target(options.precision)
         require_tensorrt()
-    if options.precision != "fp32":
-        return _export_quantized(model_dir, Path(out_dir), options, progress)
-    if options.fp32_bundle:
+    if options.fp32_bundle and options.precision == "fp32":
         raise ExportError("an fp32 bundle to quantize was given, but the precision is fp32")
-    model_dir, out = Path(model_dir), Path(out_dir)
-    if not model_dir.is_dir():
-        raise ExportError(f"checkpoint not found: {model_dir} is not a folder")
-    family = detect_family(model_dir)
-    for needed in ("tokenizer.json", "preprocessor_config.json"):
-        if not (model_dir / needed).is_file():
-            raise ExportError(f"{model_dir}: checkpoint lacks {needed}")
-    progress(f"reading {family} checkpoint {model_dir}")
+    if options.precision != "fp32":
+        from .quantize import check_options
+
+        check_options(options.quantize_options())
+    if not streams(options):
+        return _export_quantized(model_dir, Path(out_dir), options, progress)
+    model_dir, out = resolve_checkpoint(model_dir), Path(out_dir)
+    family = check_checkpoint(model_dir)
+    fmt = WeightFormat(WEIGHT_ONLY_BITS.get(options.precision), options.block_size, options.accuracy_level)
+    progress(f"reading {family} checkpoint {model_dir} (streamed: one tensor at a time)")
     template = prompt_template(model_dir, read_chat_template(model_dir))
     preprocess = read_preprocess(model_dir)
-    model = load_model(model_dir, family)
-    text, vision = text_and_vision_configs(family, model.config)
-    tokens = read_token_ids(model_dir, model.config)
-
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(str(model_dir))
+    text, vision = text_and_vision_configs(family, config)
+    tokens = read_token_ids(model_dir, config)
+    tensors = CheckpointTensors(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    max_context = options.max_context or text.max_position_embeddings
-    names = export_graphs(model, family, text, vision, out, options.opset, progress, options.target)
+
+    started = time.perf_counter()
+    progress("exporting vision encoder (1/3)")
+    visual = load_vision_tower(tensors, config, family)
+    vision_names = export_vision(visual, family, vision, out, options.opset, options.target)
+    progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s)")
+    if not options.verify:
+        del visual
+    started = time.perf_counter()
+    progress("writing token embedding (2/3)")
+    embed_names = build_embedding(tensors, out / "embed.onnx")
+    progress(f"  embed.onnx written ({time.perf_counter() - started:.1f} s)")
+    started = time.perf_counter()
+    progress(f"writing text decoder, {fmt.label} weights, GroupQueryAttention and a shared KV cache (3/3)")
+    source = DecoderSource(tensors, tied_embeddings=bool(config.text_config.tie_word_embeddings))
+    decoder_inputs, decoder_outputs, written = build_decoder(
+        source, text, float(config.text_config.rms_norm_eps), int(config.text_config.intermediate_size),
+        out / "decoder.onnx", fmt, progress=progress)
+    progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
+    precision = options.precision
     max_patches = options.max_patches_per_image or preprocess.max_pixels // (preprocess.patch_size ** 2)
+    extra = {}
+    if fmt.bits is not None:
+        extra["quantization"] = {"precision": precision, "vision_precision": "fp32", "embed_precision": "fp32",
+                                 "decoder": weight_only_record(fmt), "calibration": {}}
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, family=family, precision=options.precision, text=text, vision=vision,
+        schema_version=SCHEMA_VERSION, family=family, precision=precision, text=text, vision=vision,
         preprocess=preprocess, tokens=tokens, prompt=template,
-        limits=Limits(max_context=max_context,
+        limits=Limits(max_context=options.max_context or text.max_position_embeddings,
                       max_images=options.max_images, max_image_pixels=preprocess.max_image_pixels,
                       max_patches_per_image=max_patches),
-        vision_graph=graph_file(out, "vision.onnx", *names["vision"]),
-        embed_graph=graph_file(out, "embed.onnx", *names["embed"]),
-        decoder_graph=graph_file(out, "decoder.onnx", *names["decoder"]),
+        vision_graph=graph_file(out, "vision.onnx", *vision_names),
+        embed_graph=graph_file(out, "embed.onnx", *embed_names),
+        decoder_graph=graph_file(out, "decoder.onnx", decoder_inputs, decoder_outputs, precision),
         tokenizer=graph_file(out, "tokenizer.json"),
         source={"checkpoint": str(model_dir.resolve()), "exporter": "gemvg", **_versions()},
+        extra=extra,
     )
     manifest.write(out)
     if options.verify:
-        from .verify import verify_bundle
-
-        progress("verifying the bundle against PyTorch on a generated 2-image input")
-        report = verify_bundle(out, model)
-        progress(f"max abs logit difference vs PyTorch: {report.max_abs_logit_diff:.3g} "
-                 f"(prefill {report.prefill_diff:.3g}, decode step {report.decode_diff:.3g}, "
-                 f"tolerance {LOGITS_TOLERANCE:g})")
-        if report.max_abs_logit_diff > LOGITS_TOLERANCE:
-            raise ExportError(f"bundle does not match PyTorch: max abs logit difference "
-                              f"{report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
+        manifest = _verify(out, manifest, tensors, visual, family, config, written, fmt, options, progress)
     if options.target == "tensorrt" and build_tensorrt:
         from .tensorrt import build_engines
 
         manifest = build_engines(out, manifest, progress)
-    progress(f"bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    progress(f"{precision} bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    return manifest
+
+
+def weight_only_record(fmt) -> dict:
+    """The manifest's record of a decoder quantized as it was written (every MatMul at the same bits)."""
+    import onnxruntime
+
+    return {"scheme": f"weight-only {fmt.bits}-bit MatMulNBits (com.microsoft), symmetric, block {fmt.block_size}, "
+                      f"accuracy_level {fmt.accuracy_level}, quantized while streaming from the checkpoint",
+            "onnxruntime": onnxruntime.__version__, "bits": fmt.bits, "block_size": fmt.block_size,
+            "accuracy_level": fmt.accuracy_level, "upgraded_groups": [], "upgraded_nodes": [],
+            "lm_head_quantized": True}
+
+
+def _verify(out: Path, manifest: Manifest, tensors, visual, family: str, config, written: dict, fmt,
+            options: ExportOptions, progress: Callable[[str], None]) -> Manifest:
+    """Check the bundle part by part against PyTorch; an fp32 bundle must match within LOGITS_TOLERANCE,
+    a quantized one is reported (its cosine) and must at least keep the logits' direction."""
+    from dataclasses import replace
+
+    from .verify import verify_bundle
+
+    progress("checking the bundle against PyTorch, part by part (streamed)")
+    report = verify_bundle(out, manifest, tensors, visual, text_model_class(family), config.text_config, written,
+                           fmt, options.verify_layers, progress=progress)
+    progress(f"  vision features: max relative difference {report.vision_diff:.3g}, cosine {report.vision_cosine:.6f}; "
+             f"embedding rows {'identical' if report.embed_exact else 'DIFFER'}")
+    progress(f"  decoder layers {report.layers} + head: max abs logit difference prefill {report.prefill_diff:.3g}, "
+             f"decode step {report.decode_diff:.3g}; cosine {report.prefill_cosine:.6f} / {report.decode_cosine:.6f}")
+    failures = []
+    if not report.embed_exact:
+        failures.append("embedding rows differ from the checkpoint's")
+    if report.vision_diff > LOGITS_TOLERANCE:
+        failures.append(f"vision features differ by {report.vision_diff:.3g} (relative) > {LOGITS_TOLERANCE:g}")
+    if fmt.bits is None and report.max_abs_logit_diff > LOGITS_TOLERANCE:
+        failures.append(f"max abs logit difference {report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
+    if fmt.bits is not None and min(report.prefill_cosine, report.decode_cosine) < QUANTIZED_MIN_COSINE:
+        failures.append(f"{fmt.bits}-bit logits cosine {min(report.prefill_cosine, report.decode_cosine):.4f} < "
+                        f"{QUANTIZED_MIN_COSINE}")
+    if failures:
+        raise ExportError(f"bundle does not match PyTorch: {'; '.join(failures)}")
+    manifest = replace(manifest, extra={**manifest.extra, "verification": report.to_dict()})
+    manifest.write(out)
     return manifest
 
 
 def _export_quantized(model_dir, out: Path, options: ExportOptions, progress: Callable[[str], None]) -> Manifest:
-    """Quantize an fp32 bundle: the given one, or one exported (and verified) from the checkpoint into a
+    """Quantize an fp32 bundle: the given one, or one streamed from the checkpoint (and checked) into a
     temporary folder beside `out`, removed afterwards."""
     from dataclasses import replace
 
-    from .quantize import check_options, quantize_bundle
+    from .quantize import quantize_bundle
 
     quantize = options.quantize_options()
-    check_options(quantize)
     if options.fp32_bundle:
         manifest = quantize_bundle(options.fp32_bundle, out, quantize, progress)
     else:
-        if model_dir is None or not Path(model_dir).is_dir():
-            raise ExportError(f"checkpoint not found: {model_dir} is not a folder")
+        model_dir = resolve_checkpoint(model_dir) if model_dir is not None else None
+        if model_dir is None:
+            raise ExportError("checkpoint not found: no --model given")
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}-fp32-", dir=out.parent) as temp:
             fp32 = replace(options, precision="fp32", fp32_bundle=None)  # graphs for the same target

@@ -16,7 +16,9 @@ Precisions (the bundle format is the same for all; only the graphs' contents dif
   (the lm_head included) to com.microsoft MatMulNBits (MatMulNBitsQuantizer, 4 or 8 bits, symmetric,
   block size and accuracy level configurable); the vision encoder stays fp32 or gets static INT8. The
   same measured pass decides which layer groups get 8 bits instead of 4 (int4) or stay float (int8w),
-  ranked by gain per weight and within a budget of a quarter of the weights.
+  ranked by gain per weight and within a budget (`--upgrade-budget`, e.g. a quarter of the weights).
+  With no budget (the default) a checkpoint's weight-only decoder is quantized as it is streamed
+  (gemvg.export.decoder_builder) and this module only quantizes existing fp32 bundles.
 * ``int8`` with ``step_decoder`` (``--step-decoder int8w|int4``): a second, weight-only decoder
   (decoder_step.onnx, same I/O) that the engine uses for one-token decode steps. Static INT8 is the
   fastest for prompts (integer GEMMs), but per token its MatMulIntegerToFloat reads weights far below
@@ -52,9 +54,12 @@ WEIGHT_ONLY_BITS = {"int4": 4, "int8w": 8}
 # Output cosine against fp32 that the sensitivity pass must meet on its samples, by precision: 4-bit
 # weights cost more, and a higher bar would give too many groups 8 bits.
 DEFAULT_TARGETS = {"int8": 0.99, "int8w": 0.99, "int4": 0.97}
-# Weight-only: at most this fraction of the decoder's weights gets the upgrade (8 bits for int4), so an
-# int4 bundle stays mostly 4-bit when the target is out of reach.
-UPGRADE_BUDGET = 0.25
+# Weight-only: by default every MatMul gets the precision's bits (as ORT GenAI's builder does), written
+# while streaming from the checkpoint. A budget > 0 asks for the measured pass: at most that fraction of
+# the decoder's weights gets the upgrade (8 bits for int4) where it buys the most output cosine; it
+# compares whole graphs, so it needs an fp32 decoder in memory (MEASURED_UPGRADE_BUDGET is a good value).
+UPGRADE_BUDGET = 0.0
+MEASURED_UPGRADE_BUDGET = 0.25
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("MatMul", "Gemm")  # Q/DQ on the inputs of these; their outputs stay float
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"

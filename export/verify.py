@@ -1,24 +1,61 @@
-"""Check a bundle against the PyTorch model it came from, on a generated multi-image input."""
+"""Check an exported bundle against PyTorch, part by part, within the memory of a few layers.
+
+A 7B model does not fit in float32 to compare against, so each part of the bundle is checked against the
+same part in transformers, built from the checkpoint's own tensors:
+
+* vision: the ONNX vision encoder against transformers' vision tower (its own forward: rotary, windows
+  and merger included) on two generated images of different sizes and aspect ratios;
+* embedding: the graph's rows against the checkpoint's, exactly;
+* decoder: a truncated decoder made of the bundle's own written tensors (by default its first, middle
+  and last layer, then the final norm and the lm_head) against transformers' text model built with the
+  same layers, on the real prompt of those two images (token embeddings with the image features at the
+  image tokens, M-RoPE positions): the prompt's last-position logits, and one cached decode step after it.
+
+The whole model end to end is compared with transformers' `generate` by the test suite (tiny models)
+and by the benchmarks (real shapes).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
-from gemvg.runtime.engine import Engine
+from gemvg.runtime import bundle_io as io
+from gemvg.runtime.grounding import build_instruction
+from gemvg.runtime.manifest import Manifest
+from gemvg.runtime.preprocess import load_image, preprocess_image
+from gemvg.runtime.prompt import build_prompt
+from gemvg.runtime.rotary import MRopeAngles
+from gemvg.runtime.vision import vision_feeds
+
+from .decoder_builder import DecoderSource, WeightFormat, build_decoder
+from .safetensors_io import CheckpointTensors
+
+CHECK_GRAPH = ".verify_decoder.onnx"  # written beside decoder.onnx (it reads decoder.onnx.data), then removed
 
 
 @dataclass
 class VerifyReport:
-    prefill_diff: float  # max abs difference of the prefill's last-position logits
-    decode_diff: float  # same for one decode step after it
+    layers: list[int]  # the decoder layers of the truncated check
+    vision_diff: float  # max abs difference of the image features, relative to their largest magnitude
+    vision_cosine: float
+    embed_exact: bool
+    prefill_diff: float  # max abs difference of the truncated decoder's last-position logits
+    decode_diff: float  # same for one cached decode step after it
+    prefill_cosine: float
+    decode_cosine: float
     same_next_token: bool
 
     @property
     def max_abs_logit_diff(self) -> float:
         return max(self.prefill_diff, self.decode_diff)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "max_abs_logit_diff": self.max_abs_logit_diff}
 
 
 def sample_images(seed: int = 0) -> list[np.ndarray]:
@@ -27,34 +64,158 @@ def sample_images(seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (90, 130, 3), dtype=np.uint8), rng.integers(0, 256, (150, 70, 3), dtype=np.uint8)]
 
 
-def hf_logits(model, input_ids: np.ndarray, pixel_values: np.ndarray, grid_thw: np.ndarray, image_token: int):
-    """Last-position logits of the prompt and of one greedy step after it, from transformers."""
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(np.dot(a, b) / denominator) if denominator else float(np.array_equal(a, b))
+
+
+def check_layers(num_layers: int) -> list[int]:
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def verify_vision(bundle: Path, manifest: Manifest, visual, images) -> tuple[list[np.ndarray], float, float]:
+    """The bundle's image features (raster order) and their largest relative difference and lowest
+    cosine against transformers' vision tower `visual`."""
     import torch
 
-    def last_logits(token_ids: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(token_ids)[None]
-        mm_types = (ids == image_token).to(torch.int32)  # without it transformers 5 silently drops M-RoPE
+    session = _session(bundle / manifest.vision_graph.path)
+    declared = {i.name for i in session.get_inputs()}
+    ours, worst, lowest = [], 0.0, 1.0
+    for image in images:
+        feeds = vision_feeds(image.pixel_values, image.grid_thw, manifest.vision)
+        inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS if name in declared}
+        (features,) = session.run(None, inputs)
+        if feeds.restore_order is not None:
+            features = features[feeds.restore_order]
         with torch.no_grad():
-            out = model(input_ids=ids, pixel_values=torch.from_numpy(pixel_values),
-                        image_grid_thw=torch.from_numpy(grid_thw), mm_token_type_ids=mm_types, use_cache=False)
-        return out.logits[0, -1].float().numpy()
+            reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
+        reference = getattr(reference, "pooler_output", reference)
+        reference = (reference[0] if isinstance(reference, tuple) else reference).float().numpy()
+        worst = max(worst, float(np.abs(features - reference).max() / max(1.0, np.abs(reference).max())))
+        lowest = min(lowest, cosine(features, reference))
+        ours.append(features)
+    return ours, worst, lowest
 
-    # The decode step is checked by a cache-free forward over prompt + the greedy token.
-    prefill = last_logits(input_ids)
-    step = last_logits(np.append(input_ids, np.int64(prefill.argmax())))
-    return prefill, step
+
+def reference_text_model(family_text_class, text_config, tensors: CheckpointTensors, layers: Sequence[int]):
+    """transformers' text model with only `layers` (renumbered 0..n-1) and the final norm, in float32."""
+    import copy
+
+    import torch
+    from transformers.initialization import no_init_weights
+
+    config = copy.deepcopy(text_config)
+    config.num_hidden_layers = len(layers)
+    config._attn_implementation = "eager"
+    with no_init_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = family_text_class._from_config(config, dtype=torch.float32)
+    state = {"norm.weight": torch.from_numpy(tensors.get("text.norm.weight"))}
+    for new, old in enumerate(layers):
+        for name in tensors.names(f"text.layers.{old}."):
+            state[f"layers.{new}." + name[len(f"text.layers.{old}."):]] = torch.from_numpy(tensors.get(name))
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.eval()
 
 
-def verify_bundle(bundle_dir: str | Path, model, query: str = "Where is the red cup?") -> VerifyReport:
-    engine = Engine.load(bundle_dir)
-    inputs = engine.prepare(sample_images(), query, mode="direct")
-    prompt = inputs.prompt
-    features = engine.encode_images(inputs.images)
-    cache = engine.new_cache(len(prompt.input_ids) + 2)
-    ours_prefill = engine.prefill(prompt, features, cache).copy()  # the engine reuses its logits buffer
-    next_token = int(ours_prefill.argmax())
-    ours_step = engine.decode_one_token(next_token, prompt.next_position, cache)
-    ref_prefill, ref_step = hf_logits(model, prompt.input_ids, inputs.pixel_values, inputs.image_grid_thw,
-                                      engine.manifest.tokens.image_pad)
-    return VerifyReport(float(np.abs(ours_prefill - ref_prefill).max()), float(np.abs(ours_step - ref_step).max()),
-                        next_token == int(ref_prefill.argmax()))
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: CheckpointTensors, visual,
+                  family_text_class, text_config, written: dict, fmt: WeightFormat,
+                  layers: Sequence[int] | None = None, query: str = "Where is the red cup?",
+                  progress: Callable[[str], None] = lambda message: None) -> VerifyReport:
+    """Check `bundle_dir` part by part against transformers (see the module docstring). `visual` is the
+    vision tower the bundle was exported from; `written` the decoder's tensors by name."""
+    import torch
+    from tokenizers import Tokenizer
+
+    bundle = Path(bundle_dir)
+    layers = list(layers if layers is not None else check_layers(manifest.text.num_layers))
+    config = manifest.preprocess
+    images = [preprocess_image(load_image(image, config.max_image_pixels), config) for image in sample_images()]
+    tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
+    prompt = build_prompt(tokenizer, manifest, build_instruction(query, manifest.family, "direct"),
+                          [image.grid_thw for image in images])
+
+    progress("  checking the vision encoder against transformers' vision tower")
+    features, vision_diff, vision_cosine = verify_vision(bundle, manifest, visual, images)
+
+    progress("  checking the token embedding against the checkpoint")
+    ids = prompt.input_ids
+    (embeds,) = _session(bundle / manifest.embed_graph.path).run(None, {io.EMBED_INPUT_IDS: ids[None]})
+    table = "text.embed_tokens.weight"
+    unique = np.unique(ids)
+    rows = np.stack([tensors.rows(table, int(t), int(t) + 1)[0] for t in unique])
+    embed_exact = bool(np.array_equal(embeds[0], rows[np.searchsorted(unique, ids)]))
+    for (start, end), image_features in zip(prompt.image_spans, features):
+        embeds[0, start:end] = image_features
+
+    progress(f"  checking decoder layers {', '.join(map(str, layers))} + final norm + lm_head against transformers")
+    source = DecoderSource(tensors, tied_embeddings=text_config.tie_word_embeddings)
+    check_path = bundle / CHECK_GRAPH
+    try:
+        build_decoder(source, manifest.text, float(text_config.rms_norm_eps), int(text_config.intermediate_size),
+                      check_path, fmt, layers=layers, reused=written)
+        session = _session(check_path)
+        ours_prefill, ours_step, next_token = _run_truncated(session, manifest, layers, embeds, prompt, tensors)
+    finally:
+        check_path.unlink(missing_ok=True)
+
+    model = reference_text_model(family_text_class, text_config, tensors, layers)
+    lm_head = tensors.get(source.lm_head)
+    next_embed = tensors.rows(table, next_token, next_token + 1)[None]
+    positions = prompt.position_ids[:, None, :]
+    step_positions = np.concatenate([positions, np.full((3, 1, 1), prompt.next_position)], axis=2)
+    with torch.no_grad():
+        hidden = model(inputs_embeds=torch.from_numpy(embeds), position_ids=torch.from_numpy(positions),
+                       use_cache=False).last_hidden_state[0, -1].numpy()
+        step_hidden = model(inputs_embeds=torch.from_numpy(np.concatenate([embeds, next_embed], axis=1)),
+                            position_ids=torch.from_numpy(step_positions),
+                            use_cache=False).last_hidden_state[0, -1].numpy()
+    ref_prefill, ref_step = lm_head @ hidden, lm_head @ step_hidden
+    return VerifyReport(
+        layers=layers, vision_diff=vision_diff, vision_cosine=vision_cosine, embed_exact=embed_exact,
+        prefill_diff=float(np.abs(ours_prefill - ref_prefill).max()),
+        decode_diff=float(np.abs(ours_step - ref_step).max()),
+        prefill_cosine=cosine(ours_prefill, ref_prefill), decode_cosine=cosine(ours_step, ref_step),
+        same_next_token=next_token == int(ref_prefill.argmax()))
+
+
+def _run_truncated(session, manifest: Manifest, layers: Sequence[int], embeds: np.ndarray, prompt,
+                   tensors: CheckpointTensors) -> tuple[np.ndarray, np.ndarray, int]:
+    """The truncated decoder's logits for the prompt, and for one decode step (its greedy token) after it."""
+    text = manifest.text
+    length = len(prompt.input_ids)
+    capacity = length + 1
+    cos = np.zeros((capacity, text.head_dim // 2), np.float32)
+    sin = np.zeros_like(cos)
+    rotary = MRopeAngles(text)
+    caches = {name: np.zeros((1, text.num_kv_heads, capacity, text.head_dim), np.float32)
+              for i in layers for name in (io.past_key(i), io.past_value(i))}
+
+    def run(inputs: np.ndarray, positions: np.ndarray, start: int) -> np.ndarray:
+        count = inputs.shape[1]
+        rotary.fill(positions, cos[start:start + count], sin[start:start + count])
+        feeds = {io.DECODER_INPUTS_EMBEDS: inputs,
+                 io.DECODER_CACHE_POSITIONS: np.arange(start, start + count, dtype=np.int64)[None],
+                 io.DECODER_SEQLENS_K: np.asarray([start + count - 1], np.int32),
+                 io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(start + count, np.int32),
+                 io.DECODER_ROTARY_COS: cos, io.DECODER_ROTARY_SIN: sin, **caches}
+        logits, *presents = session.run(None, feeds)
+        names = [o.name for o in session.get_outputs()][1:]
+        for name, present in zip(names, presents):  # keep what the pass wrote (present_* -> past_*)
+            caches[name.replace("present_", "past_")] = present
+        return logits[0, -1]
+
+    prefill = run(embeds, prompt.position_ids, 0)
+    token = int(prefill.argmax())
+    step_embeds = tensors.rows("text.embed_tokens.weight", token, token + 1)[None]
+    step = run(step_embeds, np.full((3, 1), prompt.next_position, np.int64), length)
+    return prefill, step, token

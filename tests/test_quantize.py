@@ -61,6 +61,7 @@ def linear_heavy(tmp_path_factory, calib_file) -> dict[str, Path]:
     """fp32, int8, int4 and int8w bundles of a checkpoint whose linear layers dominate its bytes."""
     from gemvg.export.checkpoints import make_checkpoint
     from gemvg.export.exporter import ExportOptions, export_bundle
+    from gemvg.export.quantize import MEASURED_UPGRADE_BUDGET
 
     root = tmp_path_factory.mktemp("linear_heavy")
     checkpoint = make_checkpoint(root / "checkpoint", family="qwen2_5_vl", preset="linear-heavy", seed=3)
@@ -69,6 +70,8 @@ def linear_heavy(tmp_path_factory, calib_file) -> dict[str, Path]:
     bundles = {"fp32": root / "fp32"}
     for precision in ("int8", "int4", "int8w"):
         argv = ["--fp32-bundle", str(root / "fp32"), "--out", str(root / precision), "--precision", precision]
+        if precision != "int8":  # the measured mixed-precision pass (by default every MatMul gets the bits)
+            argv += ["--upgrade-budget", str(MEASURED_UPGRADE_BUDGET)]
         if precision != "int8w":  # int8w measures on generated requests
             argv += ["--calibration", str(calib_file)]
         assert export_main(argv) == 0

@@ -174,7 +174,7 @@ def test_vision_rotary_fused_for_onnxruntime_standard_for_tensorrt(tiny_checkpoi
     standard ops only; both compute the same features."""
     import onnxruntime as ort
 
-    from gemvg.export.exporter import export_graphs, load_model, text_and_vision_configs, vision_example
+    from gemvg.export.exporter import export_vision, load_model, text_and_vision_configs, vision_example
     from gemvg.export.tensorrt import contrib_ops
 
     checkpoint = tiny_checkpoints[family]
@@ -184,7 +184,7 @@ def test_vision_rotary_fused_for_onnxruntime_standard_for_tensorrt(tiny_checkpoi
     for target in ("onnxruntime", "tensorrt"):
         out = tmp_path / target
         out.mkdir()
-        export_graphs(model, family, text, vision, out, 18, lambda message: None, target)
+        export_vision(model.model.visual, family, vision, out, 18, target)
         graph = out / "vision.onnx"
         assert contrib_ops(graph) == (["RotaryEmbedding"] if target == "onnxruntime" else [])
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
