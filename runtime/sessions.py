@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from .errors import InputError, ProviderError
+from .errors import BundleError, InputError, ProviderError
 from .manifest import Manifest
 
 DEVICES = {
@@ -20,6 +21,10 @@ DEVICES = {
 }
 
 TENSORRT_CACHE_DIR = "trt_cache"
+
+# What ONNX Runtime raises on a graph it cannot open (a corrupt or hand-made file whose checksum matches).
+_OPEN_ERRORS = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.InvalidArgument,
+                ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException)
 
 # Engine.load's session names, in the order they are opened, and the manifest entry of each.
 GRAPHS = (("vision", "vision_graph"), ("embed", "embed_graph"), ("decoder", "decoder_graph"),
@@ -79,6 +84,15 @@ def open_sessions(bundle: Path, manifest: Manifest, device: str, threads: int | 
     options = session_options(threads)
     if "TensorrtExecutionProvider" in providers:
         (bundle / TENSORRT_CACHE_DIR).mkdir(exist_ok=True)
-    return {name: ort.InferenceSession(str(bundle / graph.path), options,
-                                       providers=session_providers(providers, bundle, manifest, name))
-            for name, entry in GRAPHS if (graph := getattr(manifest, entry)) is not None}
+    sessions = {}
+    for name, entry in GRAPHS:
+        graph = getattr(manifest, entry)
+        if graph is None:
+            continue
+        try:
+            sessions[name] = ort.InferenceSession(str(bundle / graph.path), options,
+                                                  providers=session_providers(providers, bundle, manifest, name))
+        except _OPEN_ERRORS as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BundleError(f"bundle {bundle}: onnxruntime cannot open {graph.path}: {reason}") from None
+    return sessions
