@@ -471,16 +471,17 @@ def _verify(out: Path, manifest: Manifest, tensors, visual, family: str, config,
              f"embedding rows {'identical' if report.embed_exact else 'DIFFER'}")
     progress(f"  decoder layers {report.layers} + head: max abs logit difference prefill {report.prefill_diff:.3g}, "
              f"decode step {report.decode_diff:.3g}; cosine {report.prefill_cosine:.6f} / {report.decode_cosine:.6f}")
+    # Written as "not within" so that a NaN (which compares false with everything) fails.
     failures = []
     if not report.embed_exact:
         failures.append("embedding rows differ from the checkpoint's")
-    if report.vision_diff > LOGITS_TOLERANCE:
+    if not report.vision_diff <= LOGITS_TOLERANCE:
         failures.append(f"vision features differ by {report.vision_diff:.3g} (relative) > {LOGITS_TOLERANCE:g}")
-    if fmt.bits is None and report.max_abs_logit_diff > LOGITS_TOLERANCE:
+    if fmt.bits is None and not report.max_abs_logit_diff <= LOGITS_TOLERANCE:
         failures.append(f"max abs logit difference {report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
-    if fmt.bits is not None and min(report.prefill_cosine, report.decode_cosine) < QUANTIZED_MIN_COSINE:
-        failures.append(f"{fmt.bits}-bit logits cosine {min(report.prefill_cosine, report.decode_cosine):.4f} < "
-                        f"{QUANTIZED_MIN_COSINE}")
+    worst_cosine = min(report.prefill_cosine, report.decode_cosine)
+    if fmt.bits is not None and not worst_cosine >= QUANTIZED_MIN_COSINE:
+        failures.append(f"{fmt.bits}-bit logits cosine {worst_cosine:.4f} < {QUANTIZED_MIN_COSINE}")
     if failures:
         raise ExportError(f"bundle does not match PyTorch: {'; '.join(failures)}")
     manifest = replace(manifest, extra={**manifest.extra, "verification": report.to_dict()})

@@ -52,7 +52,7 @@ class VerifyReport:
 
     @property
     def max_abs_logit_diff(self) -> float:
-        return max(self.prefill_diff, self.decode_diff)
+        return float(np.max([self.prefill_diff, self.decode_diff]))  # NaN propagates (Python's max drops it)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "max_abs_logit_diff": self.max_abs_logit_diff}
