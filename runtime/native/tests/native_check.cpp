@@ -1,0 +1,64 @@
+// native-check: the runtime's parts one at a time, for tests/test_native.py to compare with Python.
+//   native-check tokenize TOKENIZER_JSON   stdin: JSON list of strings     -> stdout: JSON list of id lists
+//   native-check decode TOKENIZER_JSON     stdin: JSON list of id lists    -> stdout: JSON list of strings
+//   native-check parse                     stdin: JSON list of {text, family, geometries: [[w, h, rw, rh]]}
+//                                          -> stdout: JSON list of box lists [image, x1, y1, x2, y2, label]
+//   native-check vision BUNDLE IMAGE       -> stdout: JSON of the vision encoder's feeds (sizes and sums)
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "common.h"
+#include "engine.h"
+#include "grounding.h"
+#include "image.h"
+#include "tokenizer.h"
+
+using json = nlohmann::json;
+
+int main(int argc, char **argv) {
+    try {
+        std::string command = argc > 1 ? argv[1] : "";
+        if (command == "tokenize" && argc == 3) {
+            gemvg::Tokenizer tokenizer(argv[2]);
+            json out = json::array();
+            for (const std::string &text : json::parse(std::cin)) out.push_back(tokenizer.encode(text));
+            std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+        } else if (command == "decode" && argc == 3) {
+            gemvg::Tokenizer tokenizer(argv[2]);
+            json out = json::array();
+            for (const json &ids : json::parse(std::cin)) out.push_back(tokenizer.decode(ids.get<std::vector<int32_t>>()));
+            std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+        } else if (command == "parse" && argc == 2) {
+            json out = json::array();
+            for (const json &item : json::parse(std::cin)) {
+                std::vector<gemvg::ImageGeometry> geometries;
+                for (const json &g : item.at("geometries")) geometries.push_back({g.at(0), g.at(1), g.at(2), g.at(3)});
+                json boxes = json::array();
+                for (const gemvg::Box &b : gemvg::parse_answer(item.at("text"), item.at("family"), geometries))
+                    boxes.push_back({b.image, b.x1, b.y1, b.x2, b.y2, b.label});
+                out.push_back(boxes);
+            }
+            std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+        } else if (command == "vision" && argc == 4) {
+            gemvg::Manifest manifest = gemvg::load_manifest(argv[2], false);
+            gemvg::PreparedImage image = gemvg::preprocess_image(
+                gemvg::load_image_file(argv[3], manifest.preprocess.max_image_pixels), manifest.preprocess);
+            gemvg::VisionFeeds feeds = gemvg::vision_feeds(image, manifest.vision);
+            json out = {{"pixel_values", feeds.pixel_values}, {"rotary_cos", feeds.rotary_cos},
+                        {"rotary_sin", feeds.rotary_sin}, {"window_gather", feeds.window_gather},
+                        {"window_scatter", feeds.window_scatter}, {"restore_order", feeds.restore_order},
+                        {"windows", feeds.windows}, {"longest", feeds.longest}};
+            std::vector<int> bias;  // -inf does not survive JSON: 1 marks a masked slot
+            for (float b : feeds.window_bias) bias.push_back(b < 0);
+            out["window_masked"] = bias;
+            std::cout << out.dump() << "\n";
+        } else {
+            std::cerr << "usage: native-check tokenize|decode TOKENIZER_JSON | parse | vision BUNDLE IMAGE\n";
+            return 2;
+        }
+    } catch (const std::exception &err) {
+        std::cerr << "native-check: error: " << err.what() << "\n";
+        return 2;
+    }
+    return 0;
+}
