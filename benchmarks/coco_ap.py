@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gemvg.runtime.errors import GemvgError
 
-class BenchmarkInputError(ValueError):
+
+class BenchmarkInputError(GemvgError, ValueError):
     """Input a scorer cannot use: the message is meant for the user, one line, naming the culprit."""
 
 

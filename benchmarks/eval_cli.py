@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from gemvg.benchmarks import coco_ap, mc_bench, mig_bench
 from gemvg.benchmarks.coco_ap import BenchmarkInputError
+from gemvg.runtime.command import ArgumentParser, positive_int, run_command
 from gemvg.runtime.grounding import ImageGeometry
 
 PROG = "gemvg eval"
@@ -34,7 +35,7 @@ PROG = "gemvg eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Score grounding benchmarks the official way.")
+    parser = ArgumentParser(prog=PROG, description="Score grounding benchmarks the official way.")
     commands = parser.add_subparsers(dest="benchmark", required=True)
 
     mig = commands.add_parser("mig-bench", help="MIG-Bench: per-task IoU accuracy (Migician's protocol)")
@@ -67,10 +68,10 @@ def _add_model_args(parser: argparse.ArgumentParser, default_tokens: int) -> Non
     source.add_argument("--bundle", help="a bundle folder written by gemvg-export")
     source.add_argument("--hf", metavar="CKPT", help="a transformers checkpoint (needs torch and transformers)")
     model.add_argument("--image-root", help="folder the annotation files' image paths are relative to")
-    model.add_argument("--limit", type=int, help="only the first N items")
-    model.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    model.add_argument("--limit", type=positive_int, help="only the first N items")
+    model.add_argument("--max-new-tokens", type=positive_int, default=default_tokens)
     model.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="bundle only")
-    model.add_argument("--threads", type=int, default=None, help="bundle only: intra-op threads")
+    model.add_argument("--threads", type=positive_int, default=None, help="bundle only: intra-op threads")
 
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -79,35 +80,13 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse already printed its usage line
-        return int(exit_.code or 0)
+    return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     handlers = {"mig-bench": cmd_mig_bench, "mc-bench": cmd_mc_bench, "coco": cmd_coco}
-    try:
-        return handlers[args.benchmark](args)
-    except BenchmarkInputError as err:
-        return _fail(str(err))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if _is_runtime_input_error(err):  # bad bundle, unreadable image...: the runtime's one-line errors
-            return _fail(str(err))
-        raise
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _is_runtime_input_error(err: Exception) -> bool:
-    try:
-        from gemvg.runtime.errors import GemvgError
-    except ImportError:
-        return False
-    return isinstance(err, GemvgError)
+    return handlers[args.benchmark](args)
 
 
 def _progress(message: str) -> None:

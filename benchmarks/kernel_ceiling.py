@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gemvg.export.onnx_files import save_graph, weights_file
+from gemvg.runtime.command import ArgumentParser, positive_int, run_command
 from gemvg.runtime.errors import BundleError
 from gemvg.runtime.manifest import load_manifest
 
@@ -143,18 +144,18 @@ def measure(bundles: list[Path], runs: int = 40, threads: int = 2, rounds: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemvg.benchmarks.kernel_ceiling", description=__doc__,
+    return run_command("kernel_ceiling", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="python -m gemvg.benchmarks.kernel_ceiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="+", type=Path)
-    parser.add_argument("--runs", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--runs", type=positive_int, default=40)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=1)
     args = parser.parse_args(argv)
-    try:
-        results = measure(args.bundles, args.runs, args.threads, args.rounds)
-    except BundleError as err:
-        print(f"kernel_ceiling: error: {err}")
-        return 1
+    results = measure(args.bundles, args.runs, args.threads, args.rounds)
     for number, row in enumerate(results, start=1):
         for c in row:
             before, after = c.read_bandwidth_gbs

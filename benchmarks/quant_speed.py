@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemvg.runtime.command import ArgumentParser, non_negative_int, positive_int, run_command
 from gemvg.runtime.engine import Engine
 
 QUERY = "Find the red cup in both images."
@@ -81,14 +82,18 @@ def op_summary(bundle: Path, graph: str, threads: int) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quant_speed", description=__doc__.splitlines()[0])
+    return run_command("quant_speed", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="quant_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", required=True, help="the fp32 bundle")
     parser.add_argument("--quant", required=True, help="the quantized bundle")
     parser.add_argument("--image", action="append", default=[], help="image path (default: 2 generated 448x448)")
     parser.add_argument("--query", default=QUERY)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per bundle, after one warm-up")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--decode-tokens", type=int, default=0,
+    parser.add_argument("--runs", type=positive_int, default=5, help="timed runs per bundle, after one warm-up")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--decode-tokens", type=non_negative_int, default=0,
                         help="also time this many decode steps after the prefill (per-token median)")
     parser.add_argument("--ops", action="store_true", help="print the optimized quantized graphs' op types")
     parser.add_argument("--json", help="write the figures to this file")

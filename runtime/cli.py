@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .errors import GemvgError, InputError
+from .command import ArgumentParser, positive_int, run_command
+from .errors import InputError
 from .grounding import MODES
 
 
@@ -30,16 +30,16 @@ def _add_request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="direct", choices=MODES,
                         help="direct: boxes only; cot: think then answer; raw: the query verbatim")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemvg", description="Multi-image visual grounding on the edge.")
+    parser = ArgumentParser(prog="gemvg", description="Multi-image visual grounding on the edge.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ground = commands.add_parser("ground", help="find every target of a query in one or more images")
     _add_request_args(ground)
-    ground.add_argument("--max-new-tokens", type=int, default=256)
+    ground.add_argument("--max-new-tokens", type=positive_int, default=256)
     ground.add_argument("--jump-forward", action="store_true",
                         help="feed the text the box syntax forces in one decoder pass (fewer passes per box)")
     ground.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -132,26 +132,17 @@ def _forward(module: str, extra: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "eval":
-            return _forward("gemvg.benchmarks.eval_cli", "eval", argv[1:])
-        if argv and argv[0] == "bench":
-            return _forward("gemvg.benchmarks.bench", "export", argv[1:])
-        args = build_parser().parse_args(argv)
-        handler = {"ground": cmd_ground, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
-        return handler(args)
-    except GemvgError as err:
-        print(f"gemvg: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gemvg: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug, not bad input: still one line unless asked for the traceback
-        if os.environ.get("GEMVG_DEBUG"):
-            raise
-        print(f"gemvg: internal error: {type(err).__name__}: {err} (set GEMVG_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+    return run_command("gemvg", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "eval":
+        return _forward("gemvg.benchmarks.eval_cli", "eval", argv[1:])
+    if argv and argv[0] == "bench":
+        return _forward("gemvg.benchmarks.bench", "export", argv[1:])
+    args = build_parser().parse_args(argv)
+    handler = {"ground": cmd_ground, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,6 @@ def test_measure_reports_bandwidth_against_the_probe(tiny_bundles, capsys):
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "missing")]) == 1
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("kernel_ceiling: error:") and "\n" not in out
+    assert main([str(tmp_path / "missing")]) == 2  # bad input: one line, exit 2 (runtime.command)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kernel_ceiling: error:") and "\n" not in err

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.grounding import Box
 
 UNITS = ("pixel", "normalized")
 ImageSize = tuple[int, int]  # (width, height)
 
 
-class DataError(ValueError):
+class DataError(GemvgError, ValueError):
     """Input data that cannot be read into the schema; the message names the file and the item."""
 
 
