@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemvg.export.checkpoints import PRESETS
+
 # Sent verbatim (mode "raw") so that every system sees the same short prompt: with the bench model's
 # byte-level tokenizer, 2 images of 448x448 and this query make about 590 tokens (REFERENCE.md: 575).
 MODE = "raw"
@@ -155,6 +157,7 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
             around.before()
         first = engine.ground(images, QUERY, mode=MODE, max_new_tokens=workload.new_tokens,
                               min_new_tokens=workload.new_tokens)
+        first_tokens = first.token_ids
         if timed:
             around.after()
         follow = engine.ground(images, FOLLOW_UP, mode=MODE, max_new_tokens=workload.new_tokens,
@@ -173,7 +176,7 @@ def bench_gemvg(bundle: Path, images: list[Path], workload: Workload) -> SystemR
     return SystemResult(f"gemvg {_label(manifest)}", stages, peak_rss_mb(), weight_bytes,
                         weight_bytes / per_token_s / 1e9, prompt_tokens, size / 1e6, around.pairs,
                         around.fraction(weight_bytes, samples["decode_per_token"]),
-                        {"follow_up_reused_tokens": follow.reused_prefix_tokens})
+                        {"follow_up_reused_tokens": follow.reused_prefix_tokens, "first_tokens": first_tokens})
 
 
 def _label(manifest) -> str:
@@ -260,8 +263,9 @@ def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> System
             stamps["vision"].clear()
             stamps["forward"].clear()
             started = time.perf_counter()
-            model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            generated = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n)
             done = time.perf_counter()
+            first_tokens = generated[0, inputs["input_ids"].shape[1]:].tolist()
             if timed:
                 around.after()
             vision_start, vision_end = stamps["vision"][:2]
@@ -289,7 +293,7 @@ def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> System
     return SystemResult("transformers fp32", stages, peak_rss_mb(), text_params,
                         text_params / (stages["decode_per_token"]["median"] / 1e3) / 1e9,
                         int(inputs["input_ids"].shape[1]), size / 1e6, around.pairs,
-                        around.fraction(text_params, samples["decode_per_token"]))
+                        around.fraction(text_params, samples["decode_per_token"]), {"first_tokens": first_tokens})
 
 
 def worker(spec: dict) -> dict:
@@ -345,7 +349,27 @@ def markdown_table(results: list[dict], workload: Workload) -> str:
             f"{cell('follow_up_ttft')} | {s['load']['median']:.0f} ms | {result['decode_bandwidth_gbs']:.1f} "
             f"({100 * result['decode_bandwidth_fraction']:.0f}%) | {reads} GB/s | {result['peak_rss_mb']:.0f} MB | "
             f"{result['size_mb']:.0f} MB |")
+    agreement = token_agreement(results)
+    if agreement:
+        lines += ["", agreement]
     return "\n".join(lines)
+
+
+def token_agreement(results: list[dict]) -> str:
+    """How many of each system's greedy tokens (first query) equal transformers' generate, when it ran."""
+    reference = next((r["extra"]["first_tokens"] for r in results
+                      if r["name"].startswith("transformers") and "first_tokens" in r.get("extra", {})), None)
+    if reference is None:
+        return ""
+    parts = []
+    for result in results:
+        tokens = result.get("extra", {}).get("first_tokens")
+        if tokens is None or result["name"].startswith("transformers"):
+            continue
+        same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+        exact = tokens == reference
+        parts.append(f"{result['name']} {'identical' if exact else f'first {same} of {len(reference)} equal'}")
+    return "Greedy tokens of the first query against transformers' generate: " + "; ".join(parts) + "."
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -376,8 +400,11 @@ def chart(results: list[dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemvg bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--make-model", metavar="NAME", help="write a random-weight checkpoint (bench-0.5b, qwen2-vl-2b, tiny)")
-    parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--make-model", metavar="NAME", choices=list(PRESETS),
+                        help="write a random-weight checkpoint: real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b: "
+                             "bf16 shards, written one tensor at a time), bench-0.5b, tiny")
+    parser.add_argument("--family", default=None, choices=["qwen2_vl", "qwen2_5_vl"],
+                        help="for presets of no fixed family (default qwen2_5_vl); real shapes have their own")
     parser.add_argument("--bundle", action="append", default=[], help="a gemvg bundle to measure; repeat")
     parser.add_argument("--checkpoint", help="the checkpoint the bundles came from (for baselines)")
     parser.add_argument("--baseline", action="append", default=[], choices=["hf", "ortgenai"],
@@ -404,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             print("gemvg bench: error: --make-model needs --out", file=sys.stderr)
             return 2
-        path = make_checkpoint(args.out, family=args.family, preset=args.make_model)
-        print(f"wrote {args.make_model} ({args.family}) to {path}")
+        family = args.family or PRESETS[args.make_model].family or "qwen2_5_vl"
+        path = make_checkpoint(args.out, family=family, preset=args.make_model,
+                               progress=lambda message: print(f"[gemvg bench] {message}", file=sys.stderr, flush=True))
+        print(f"wrote {args.make_model} ({family}) to {path}")
         return 0
     if not args.bundle and not args.baseline:
         print("gemvg bench: error: give --bundle and/or --baseline (see gemvg bench -h)", file=sys.stderr)
