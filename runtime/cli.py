@@ -106,10 +106,22 @@ def cmd_inspect(args) -> int:
     inputs = engine.prepare(args.image, args.query, args.mode)
     prompt = inputs.prompt
     engine.check_context(len(prompt.input_ids), 1)
-    features = engine.encode_images(inputs.images)
-    logits = engine.prefill(prompt, features, engine.new_cache(len(prompt.input_ids)))
+    # Every stage as golden vectors for other runtimes (BUNDLE.md names each): per image the vision
+    # encoder's feeds and its features, then the prompt, the decoder's per-slot rotary rows and logits.
+    stages = {}
+    for index, image in enumerate(inputs.images):
+        feeds, _ = engine.vision_inputs(image)
+        stages.update({f"image_{index}_vision_{name}": value for name, value in feeds.items()})
+        stages[f"image_{index}_features"] = engine.encode_image(image)
+    features = [stages[f"image_{index}_features"] for index in range(len(inputs.images))]
+    cache = engine.new_cache(len(prompt.input_ids))
+    logits = engine.prefill(prompt, features, cache)
     np.savez(args.out, pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
-             input_ids=prompt.input_ids[None], position_ids=prompt.position_ids[:, None, :], logits=logits)
+             input_ids=prompt.input_ids[None], position_ids=prompt.position_ids[:, None, :], logits=logits,
+             image_spans=np.asarray(prompt.image_spans, np.int64).reshape(-1, 2),
+             next_position=np.asarray(prompt.next_position, np.int64),
+             decoder_rotary_cos=cache.rotary_cos[:cache.length], decoder_rotary_sin=cache.rotary_sin[:cache.length],
+             **stages)
     print(f"wrote {args.out}: {len(prompt.input_ids)} prompt tokens, {len(inputs.pixel_values)} patches, "
           f"next token {int(np.argmax(logits))}")
     return 0

@@ -41,7 +41,12 @@ def test_inspect_writes_model_inputs(tiny_bundle, image_files, tmp_path):
     assert gemvg(["inspect", "--bundle", str(tiny_bundle), "--image", str(image_files["rgb.jpg"]), "--query", "q",
                   "--out", str(dump)]) == 0
     data = np.load(dump)
-    assert set(data.files) == {"pixel_values", "image_grid_thw", "input_ids", "position_ids", "logits"}
+    assert set(data.files) == {"pixel_values", "image_grid_thw", "input_ids", "position_ids", "logits", "image_spans",
+                               "next_position", "decoder_rotary_cos", "decoder_rotary_sin", "image_0_features",
+                               "image_0_vision_pixel_values", "image_0_vision_rotary_cos", "image_0_vision_rotary_sin"}
+    assert data["decoder_rotary_cos"].shape[0] == data["input_ids"].shape[1]
+    start, end = data["image_spans"][0]
+    assert data["image_0_features"].shape[0] == end - start
     assert data["position_ids"].shape == (3, 1, data["input_ids"].shape[1])
     assert data["logits"].ndim == 1
 
