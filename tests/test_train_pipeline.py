@@ -152,7 +152,8 @@ def test_synth_sft_grpo_export_ground(workspace, capsys):
     assert isinstance(result["boxes"], list) and isinstance(result["text"], str) and len(result["token_ids"]) >= 1
 
 
-@pytest.mark.parametrize("name,trl_config", [("sft", "SFTConfig"), ("cot_sft", "SFTConfig"), ("grpo", "GRPOConfig")])
+@pytest.mark.parametrize("name,trl_config", [("sft", "SFTConfig"), ("cot_sft", "SFTConfig"), ("grpo", "GRPOConfig"),
+                                             ("demo_sft", "SFTConfig"), ("demo_grpo", "GRPOConfig")])
 def test_shipped_configs_build_trl_configs(tmp_path, name, trl_config):
     import trl
 

@@ -29,10 +29,10 @@ class StagePlan:
 # Sized for about an hour of two shared CPU cores (see train/README.md for the measured wall time).
 SFT_PLAN = (
     StagePlan("single", 4000, 250),
-    StagePlan("distractors", 4000, 250),
-    StagePlan("multi", 16000, 1000),
+    StagePlan("distractors", 4000, 150),
+    StagePlan("multi", 16000, 500),
 )
-GRPO_PLAN = StagePlan("multi", 16000, 60)
+GRPO_PLAN = StagePlan("multi", 16000, 30)
 HELD_OUT_SAMPLES = 200
 STAGE_EVAL_SAMPLES = 100  # the stages before the last are checked on fewer samples (progress, not the result)
 PROMPT_MODE = "raw"  # demo_sft.yaml's hybrid.plain_mode: the model is asked with the query alone
