@@ -340,7 +340,7 @@ def test_cli_grounds_with_the_python_cli_json(native_build, tiny_bundle, image_f
 @pytest.fixture
 def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
     bundles = {}
-    for name in ("altered", "incomplete", "schema", "short_context"):
+    for name in ("altered", "incomplete", "schema", "short_context", "escaping"):
         bundles[name] = Path(shutil.copytree(tiny_bundle, tmp_path / name))
     data = bundles["altered"] / "decoder.onnx.data"
     raw = bytearray(data.read_bytes())
@@ -348,7 +348,8 @@ def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
     data.write_bytes(bytes(raw))
     (bundles["incomplete"] / "embed.onnx").unlink()
     for name, change in (("schema", lambda m: m.update(schema_version=99)),
-                         ("short_context", lambda m: m["limits"].update(max_context=40))):
+                         ("short_context", lambda m: m["limits"].update(max_context=40)),
+                         ("escaping", lambda m: m["tokenizer"].update(path="../qwen2_vl/tokenizer.json"))):
         manifest = json.loads((bundles[name] / "manifest.json").read_text())
         change(manifest)
         (bundles[name] / "manifest.json").write_text(json.dumps(manifest))
@@ -358,6 +359,7 @@ def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
 def test_bad_bundles_give_null_and_one_line(native, native_build, damaged_bundles, image_files, tmp_path):
     cases = {tmp_path / "nowhere": "bundle not found", damaged_bundles["altered"]: "is altered",
              damaged_bundles["incomplete"]: "is incomplete", damaged_bundles["schema"]: "schema version",
+             damaged_bundles["escaping"]: "outside itself",
              image_files["rgb.jpg"]: "not a folder"}
     for bundle, needle in cases.items():
         with pytest.raises(NativeError, match=needle) as caught:

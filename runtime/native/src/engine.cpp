@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -164,8 +166,15 @@ Manifest load_manifest(const std::string &bundle_dir, bool verify) {
             expected.emplace_back(file->path, file->sha256);
             if (!file->data_path.empty()) expected.emplace_back(file->data_path, file->data_sha256);
         }
-        for (auto &[name, digest] : expected)
+        std::unique_ptr<char, decltype(&std::free)> root(realpath(bundle_dir.c_str(), nullptr), std::free);
+        for (auto &[name, digest] : expected) {
+            // Every file must lie inside the bundle: no absolute path, no "..", no link leading out.
+            bool escapes = name.empty() || name[0] == '/' || ("/" + name + "/").find("/../") != std::string::npos;
+            std::unique_ptr<char, decltype(&std::free)> real(realpath((bundle_dir + "/" + name).c_str(), nullptr), std::free);
+            if (!escapes && real && root && std::string(real.get()).rfind(std::string(root.get()) + "/", 0) != 0) escapes = true;
+            if (escapes) bundle_error("bundle " + bundle_dir + " names a file outside itself: " + name);
             if (!is_file(bundle_dir + "/" + name)) bundle_error("bundle " + bundle_dir + " is incomplete: " + name + " is missing");
+        }
         std::vector<std::future<std::string>> hashes;  // the files hashed in parallel
         for (auto &item : expected)
             hashes.push_back(std::async(std::launch::async, sha256_file, bundle_dir + "/" + item.first));
