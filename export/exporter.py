@@ -17,6 +17,7 @@ they first stream an fp32 bundle into a temporary folder and quantize that (gemv
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -399,20 +400,26 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     progress("exporting vision encoder (1/3)")
     visual = load_vision_tower(tensors, config, family)
     vision_names = export_vision(visual, family, vision, out, options.opset, options.target)
-    progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s)")
-    if not options.verify:
-        del visual
+    progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s, peak RSS {peak_rss_gb():.1f} GB)")
+    vision_check = None
+    if options.verify:
+        from .verify import check_vision
+
+        progress("  checking the vision encoder against transformers' vision tower")
+        vision_check = check_vision(out / "vision.onnx", preprocess, vision, visual)
+    del visual  # the vision tower is the largest thing the export holds: gone before the decoder
+    gc.collect()
     started = time.perf_counter()
     progress("writing token embedding (2/3)")
     embed_names = build_embedding(tensors, out / "embed.onnx")
-    progress(f"  embed.onnx written ({time.perf_counter() - started:.1f} s)")
+    progress(f"  embed.onnx written ({time.perf_counter() - started:.1f} s, peak RSS {peak_rss_gb():.1f} GB)")
     started = time.perf_counter()
     progress(f"writing text decoder, {fmt.label} weights, GroupQueryAttention and a shared KV cache (3/3)")
     source = DecoderSource(tensors, tied_embeddings=bool(config.text_config.tie_word_embeddings))
     decoder_inputs, decoder_outputs, written = build_decoder(
         source, text, float(config.text_config.rms_norm_eps), int(config.text_config.intermediate_size),
         out / "decoder.onnx", fmt, progress=progress)
-    progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s)")
+    progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s, peak RSS {peak_rss_gb():.1f} GB)")
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
     precision = options.precision
@@ -436,13 +443,21 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     )
     manifest.write(out)
     if options.verify:
-        manifest = _verify(out, manifest, tensors, visual, family, config, written, fmt, options, progress)
+        manifest = _verify(out, manifest, tensors, vision_check, family, config, written, fmt, options, progress)
     if options.target == "tensorrt" and build_tensorrt:
         from .tensorrt import build_engines
 
         manifest = build_engines(out, manifest, progress)
-    progress(f"{precision} bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    progress(f"{precision} bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB, "
+             f"peak RSS {peak_rss_gb():.1f} GB)")
     return manifest
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (the figure an export is held to)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 def weight_only_record(fmt) -> dict:
@@ -456,7 +471,7 @@ def weight_only_record(fmt) -> dict:
             "lm_head_quantized": True}
 
 
-def _verify(out: Path, manifest: Manifest, tensors, visual, family: str, config, written: dict, fmt,
+def _verify(out: Path, manifest: Manifest, tensors, vision_check, family: str, config, written: dict, fmt,
             options: ExportOptions, progress: Callable[[str], None]) -> Manifest:
     """Check the bundle part by part against PyTorch; an fp32 bundle must match within LOGITS_TOLERANCE,
     a quantized one is reported (its cosine) and must at least keep the logits' direction."""
@@ -465,8 +480,8 @@ def _verify(out: Path, manifest: Manifest, tensors, visual, family: str, config,
     from .verify import verify_bundle
 
     progress("checking the bundle against PyTorch, part by part (streamed)")
-    report = verify_bundle(out, manifest, tensors, visual, text_model_class(family), config.text_config, written,
-                           fmt, options.verify_layers, progress=progress)
+    report = verify_bundle(out, manifest, tensors, vision_check, text_model_class(family), config.text_config,
+                           written, fmt, options.verify_layers, progress=progress)
     progress(f"  vision features: max relative difference {report.vision_diff:.3g}, cosine {report.vision_cosine:.6f}; "
              f"embedding rows {'identical' if report.embed_exact else 'DIFFER'}")
     progress(f"  decoder layers {report.layers} + head: max abs logit difference prefill {report.prefill_diff:.3g}, "

@@ -75,35 +75,47 @@ def check_layers(num_layers: int) -> list[int]:
 
 
 def _session(path: Path):
+    """A CPU session that computes from the memory-mapped weights as they are: prepacking would copy
+    every weight of the graph once more, for a few runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def verify_vision(bundle: Path, manifest: Manifest, visual, images) -> tuple[list[np.ndarray], float, float]:
-    """The bundle's image features (raster order) and their largest relative difference and lowest
-    cosine against transformers' vision tower `visual`."""
+@dataclass
+class VisionCheck:
+    images: list  # the sample images, preprocessed
+    features: list[np.ndarray]  # the bundle's image features, raster order
+    diff: float  # largest difference against transformers, relative to the largest feature magnitude
+    cosine: float  # lowest over the images
+
+
+def check_vision(vision_graph: Path, preprocess, vision, visual) -> VisionCheck:
+    """The ONNX vision encoder against transformers' vision tower `visual` on the sample images. Run right
+    after the vision export, so that the tower can be let go before the decoder is written."""
     import torch
 
-    session = _session(bundle / manifest.vision_graph.path)
+    images = [preprocess_image(load_image(image, preprocess.max_image_pixels), preprocess) for image in sample_images()]
+    session = _session(vision_graph)
     declared = {i.name for i in session.get_inputs()}
-    ours, worst, lowest = [], 0.0, 1.0
+    features, worst, lowest = [], 0.0, 1.0
     for image in images:
-        feeds = vision_feeds(image.pixel_values, image.grid_thw, manifest.vision)
+        feeds = vision_feeds(image.pixel_values, image.grid_thw, vision)
         inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS if name in declared}
-        (features,) = session.run(None, inputs)
+        (ours,) = session.run(None, inputs)
         if feeds.restore_order is not None:
-            features = features[feeds.restore_order]
+            ours = ours[feeds.restore_order]
         with torch.no_grad():
             reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
         reference = getattr(reference, "pooler_output", reference)
         reference = (reference[0] if isinstance(reference, tuple) else reference).float().numpy()
-        worst = max(worst, float(np.abs(features - reference).max() / max(1.0, np.abs(reference).max())))
-        lowest = min(lowest, cosine(features, reference))
-        ours.append(features)
-    return ours, worst, lowest
+        worst = float(np.max([worst, np.abs(ours - reference).max() / max(1.0, np.abs(reference).max())]))
+        lowest = min(lowest, cosine(ours, reference))
+        features.append(ours)
+    return VisionCheck(images, features, worst, lowest)
 
 
 def reference_text_model(family_text_class, text_config, tensors: CheckpointTensors, layers: Sequence[int]):
@@ -127,25 +139,20 @@ def reference_text_model(family_text_class, text_config, tensors: CheckpointTens
     return model.eval()
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: CheckpointTensors, visual,
+def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: CheckpointTensors, vision: VisionCheck,
                   family_text_class, text_config, written: dict, fmt: WeightFormat,
                   layers: Sequence[int] | None = None, query: str = "Where is the red cup?",
                   progress: Callable[[str], None] = lambda message: None) -> VerifyReport:
-    """Check `bundle_dir` part by part against transformers (see the module docstring). `visual` is the
-    vision tower the bundle was exported from; `written` the decoder's tensors by name."""
+    """Check `bundle_dir` part by part against transformers (see the module docstring), given the vision
+    check made at export time; `written` holds the decoder's tensors by name."""
     import torch
     from tokenizers import Tokenizer
 
     bundle = Path(bundle_dir)
     layers = list(layers if layers is not None else check_layers(manifest.text.num_layers))
-    config = manifest.preprocess
-    images = [preprocess_image(load_image(image, config.max_image_pixels), config) for image in sample_images()]
     tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
     prompt = build_prompt(tokenizer, manifest, build_instruction(query, manifest.family, "direct"),
-                          [image.grid_thw for image in images])
-
-    progress("  checking the vision encoder against transformers' vision tower")
-    features, vision_diff, vision_cosine = verify_vision(bundle, manifest, visual, images)
+                          [image.grid_thw for image in vision.images])
 
     progress("  checking the token embedding against the checkpoint")
     ids = prompt.input_ids
@@ -154,7 +161,7 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
     unique = np.unique(ids)
     rows = np.stack([tensors.rows(table, int(t), int(t) + 1)[0] for t in unique])
     embed_exact = bool(np.array_equal(embeds[0], rows[np.searchsorted(unique, ids)]))
-    for (start, end), image_features in zip(prompt.image_spans, features):
+    for (start, end), image_features in zip(prompt.image_spans, vision.features):
         embeds[0, start:end] = image_features
 
     progress(f"  checking decoder layers {', '.join(map(str, layers))} + final norm + lm_head against transformers")
@@ -169,7 +176,6 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
         check_path.unlink(missing_ok=True)
 
     model = reference_text_model(family_text_class, text_config, tensors, layers)
-    lm_head = tensors.get(source.lm_head)
     next_embed = tensors.rows(table, next_token, next_token + 1)[None]
     positions = prompt.position_ids[:, None, :]
     step_positions = np.concatenate([positions, np.full((3, 1, 1), prompt.next_position)], axis=2)
@@ -179,9 +185,12 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
         step_hidden = model(inputs_embeds=torch.from_numpy(np.concatenate([embeds, next_embed], axis=1)),
                             position_ids=torch.from_numpy(step_positions),
                             use_cache=False).last_hidden_state[0, -1].numpy()
-    ref_prefill, ref_step = lm_head @ hidden, lm_head @ step_hidden
+    del model
+    # The head in row blocks: the float32 lm_head (2.2 GB at 7B) is never held whole.
+    head = [(block @ hidden, block @ step_hidden) for _, block in tensors.row_chunks(source.lm_head)]
+    ref_prefill, ref_step = (np.concatenate(parts) for parts in zip(*head))
     return VerifyReport(
-        layers=layers, vision_diff=vision_diff, vision_cosine=vision_cosine, embed_exact=embed_exact,
+        layers=layers, vision_diff=vision.diff, vision_cosine=vision.cosine, embed_exact=embed_exact,
         prefill_diff=float(np.abs(ours_prefill - ref_prefill).max()),
         decode_diff=float(np.abs(ours_step - ref_step).max()),
         prefill_cosine=cosine(ours_prefill, ref_prefill), decode_cosine=cosine(ours_step, ref_step),
