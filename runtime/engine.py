@@ -5,7 +5,9 @@
     for box in result.boxes: print(box.image, box.x1, box.y1, box.x2, box.y2, box.label)
 
 The stages read like the algorithm: preprocess -> encode_images -> prefill -> decode_one_token until
-EOS or max_new_tokens (greedy), all in numpy + onnxruntime + tokenizers.
+EOS or max_new_tokens (greedy), all in numpy + onnxruntime + tokenizers. The parts it is made of:
+`sessions` (providers, ONNX Runtime sessions), `decoding` (a request's KV cache, its IO bindings and the
+decoder passes), `caches` (the feature cache and the prefix store shared between requests).
 """
 
 from __future__ import annotations
@@ -154,6 +156,13 @@ class Engine:
             features.append(cached)
         return features
 
+    def features_after(self, inputs: ModelInputs, start: int) -> list[np.ndarray | None]:
+        """Features of the images that the first `start` prompt tokens (a reused prefix) do not cover;
+        None for those they do."""
+        needed = [end > start for _, end in inputs.prompt.image_spans]
+        fresh = iter(self.encode_images([image for image, need in zip(inputs.images, needed) if need]))
+        return [next(fresh) if need else None for need in needed]
+
     def vision_inputs(self, image: PreparedImage) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The vision encoder's feed for one image (the inputs its graph declares) and the order that
         restores its merged features to raster order (None without window attention)."""
@@ -180,9 +189,6 @@ class Engine:
             if span_end > start:
                 embeds[0, span_start - start:span_end - start] = image_features
         return embeds
-
-    def step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
-        return self.passes.step_feeds(embeds, positions, cache)
 
     def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
         """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
@@ -252,10 +258,7 @@ class Engine:
 
         clock = time.perf_counter()
         cache = self.cache_for(inputs, len(prompt.input_ids) + max_new_tokens)
-        # Only images the reused prefix does not cover need features.
-        needed = [end > cache.length for _, end in prompt.image_spans]
-        fresh = self.encode_images([image for image, need in zip(inputs.images, needed) if need])
-        features = [fresh.pop(0) if need else None for need in needed]
+        features = self.features_after(inputs, cache.length)
         timings["vision"] = _lap(clock)
 
         clock = time.perf_counter()
