@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gemvg.export.checkpoints import PRESETS
+from gemvg.runtime.command import ArgumentParser, run_command
 
 # Sent verbatim (mode "raw") so that every system sees the same short prompt: with the bench model's
 # byte-level tokenizer, 2 images of 448x448 and this query make about 590 tokens (REFERENCE.md: 575).
@@ -398,7 +399,7 @@ def chart(results: list[dict], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemvg bench", description=__doc__,
+    parser = ArgumentParser(prog="gemvg bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-model", metavar="NAME", choices=list(PRESETS),
                         help="write a random-weight checkpoint: real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b: "
@@ -418,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("gemvg bench", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))

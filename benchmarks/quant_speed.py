@@ -16,7 +16,6 @@ left as DequantizeLinear + float ops.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gemvg.benchmarks.bench import main as gemvg_bench
 from gemvg.benchmarks.coco_ap import BenchmarkInputError
 from gemvg.benchmarks.eval_cli import main as gemvg_eval
 from gemvg.benchmarks.quant_speed import main as quant_speed
@@ -13,6 +14,7 @@ from gemvg.runtime import Engine, GemvgError, InputError
 from gemvg.runtime import cli as runtime_cli
 from gemvg.runtime.cli import main as gemvg
 from gemvg.runtime.command import run_command
+from gemvg.train.cli import main as gemvg_train
 from gemvg.train.schema import DataError
 
 
@@ -50,7 +52,20 @@ def test_export_bad_arguments(argv, needles, capsys):
     assert err.startswith("gemvg-export: error:")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["synth", "--out", "O", "--num-samples", "0"], ["--num-samples", "less than 1"]),
+    (["eval", "--model", "M", "--data", "D", "--limit", "-2"], ["--limit"]),
+    (["sft", "--model", "M", "--data", "D", "--output", "O", "--max-steps", "0"], ["--max-steps"]),
+    (["teach"], ["invalid choice"]),
+])
+def test_train_bad_arguments(argv, needles, capsys):
+    err = one_line(gemvg_train(argv), capsys, 2, *needles)
+    assert err.startswith("gemvg-train: error:")
+
+
 def test_benchmark_scripts_bad_arguments(capsys):
+    one_line(gemvg_bench(["--threads", "x"]), capsys, 2, "gemvg bench: error:", "--threads")
+    one_line(gemvg_bench([]), capsys, 2, "give --bundle")
     one_line(quant_speed(["--fp32", "A", "--quant", "B", "--threads", "0"]), capsys, 2, "--threads")
     one_line(quant_speed(["--fp32", "A", "--quant", "B", "--runs", "2"]), capsys, 2, "--runs must be at least 3")
 

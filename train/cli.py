@@ -18,19 +18,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from gemvg.runtime.command import ArgumentParser, positive_int, run_command
+
 from .loaders import FORMATS, load_samples
 from .schema import DataError, write_jsonl
 
-EXIT_BAD_INPUT = 2
-
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemvg-train", description="Data and fine-tuning for multi-image grounding.")
+    parser = ArgumentParser(prog="gemvg-train", description="Data and fine-tuning for multi-image grounding.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write procedural multi-image grounding samples (images + data.jsonl)")
     synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--num-samples", required=True, type=int)
+    synth.add_argument("--num-samples", required=True, type=positive_int)
     synth.add_argument("--seed", type=int, default=0)
 
     convert = commands.add_parser("convert", help="convert a public grounding dataset to our JSONL")
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     curriculum = commands.add_parser("curriculum", help="write one stage of the demo model's curriculum")
     curriculum.add_argument("--stage", required=True, choices=["single", "distractors", "multi"])
     curriculum.add_argument("--out", required=True, type=Path)
-    curriculum.add_argument("--num-samples", required=True, type=int)
+    curriculum.add_argument("--num-samples", required=True, type=positive_int)
     curriculum.add_argument("--seed", type=int, default=0)
 
     recipe = commands.add_parser("recipe", help="train the demo model from scratch (resumable)")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--bundle", type=Path, help="gemvg bundle directory (run by the runtime Engine)")
     evaluation.add_argument("--data", required=True, type=Path, help="our JSONL with targets")
     evaluation.add_argument("--mode", choices=["raw", "direct"], default="direct", help="how the query is prompted")
-    evaluation.add_argument("--limit", type=int, help="score the first N samples only")
+    evaluation.add_argument("--limit", type=positive_int, help="score the first N samples only")
     evaluation.add_argument("--out", type=Path, help="JSON with the scores and every answer")
 
     for name, what in (("sft", "supervised fine-tuning (TRL SFTTrainer)"), ("grpo", "GRPO (TRL GRPOTrainer)")):
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
         command.add_argument("--data", required=True, type=Path, help="our JSONL (see gemvg-train synth / convert)")
         command.add_argument("--output", required=True, type=Path, help="where the merged, export-ready model goes")
-        command.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+        command.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
         command.add_argument("--config", type=Path, help="YAML run config (train/configs/*.yaml)")
         command.add_argument("--lora", action="store_true", help="train LoRA adapters (merged on save)")
         command.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -121,49 +121,45 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("gemvg-train", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "synth":
-            from .synth import write_dataset
+    if args.command == "synth":
+        from .synth import write_dataset
 
-            if args.num_samples < 1:
-                raise DataError("--num-samples must be at least 1")
-            path = write_dataset(args.out, args.num_samples, args.seed)
-            print(f"gemvg-train synth: wrote {args.num_samples} samples to {path}")
-            return 0
-        if args.command == "curriculum":
-            from .curriculum import write_stage
+        path = write_dataset(args.out, args.num_samples, args.seed)
+        print(f"gemvg-train synth: wrote {args.num_samples} samples to {path}")
+        return 0
+    if args.command == "curriculum":
+        from .curriculum import write_stage
 
-            if args.num_samples < 1:
-                raise DataError("--num-samples must be at least 1")
-            path = write_stage(args.out, args.stage, args.num_samples, args.seed)
-            print(f"gemvg-train curriculum: wrote {args.num_samples} {args.stage} samples to {path}")
-            return 0
-        if args.command == "recipe":
-            from .recipe import run_recipe
+        path = write_stage(args.out, args.stage, args.num_samples, args.seed)
+        print(f"gemvg-train curriculum: wrote {args.num_samples} {args.stage} samples to {path}")
+        return 0
+    if args.command == "recipe":
+        from .recipe import run_recipe
 
-            if args.scale <= 0:
-                raise DataError("--scale must be above 0")
-            print(f"gemvg-train recipe: final model in {run_recipe(args.out, args.scale)}")
-            return 0
-        if args.command == "ship-demo":
-            from .checkpoint import checkpoint_family
-            from .recipe import ship_demo
+        if args.scale <= 0:
+            raise DataError("--scale must be above 0")
+        print(f"gemvg-train recipe: final model in {run_recipe(args.out, args.scale)}")
+        return 0
+    if args.command == "ship-demo":
+        from .checkpoint import checkpoint_family
+        from .recipe import ship_demo
 
-            checkpoint_family(args.model)
-            print(f"gemvg-train ship-demo: wrote {ship_demo(args.model, args.dest)}")
-            return 0
-        if args.command == "eval":
-            return _evaluate(args)
-        if args.command == "convert":
-            samples = load_samples(args.input, args.format, args.image_root, args.annotations)
-            write_jsonl(samples, args.out)
-            print(f"gemvg-train convert: wrote {len(samples)} samples to {args.out}")
-            return 0
-        return _train(args)
-    except DataError as err:
-        print(f"gemvg-train: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        checkpoint_family(args.model)
+        print(f"gemvg-train ship-demo: wrote {ship_demo(args.model, args.dest)}")
+        return 0
+    if args.command == "eval":
+        return _evaluate(args)
+    if args.command == "convert":
+        samples = load_samples(args.input, args.format, args.image_root, args.annotations)
+        write_jsonl(samples, args.out)
+        print(f"gemvg-train convert: wrote {len(samples)} samples to {args.out}")
+        return 0
+    return _train(args)
 
 
 if __name__ == "__main__":
