@@ -75,3 +75,14 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
     before = (final / "model.safetensors").stat().st_mtime_ns
     run_recipe(tmp_path, scale=scale)
     assert (final / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_images_carry_the_position_tint():
+    from gemvg.train.curriculum import make_stage_sample
+
+    for index in range(5):
+        for image in make_stage_sample(STAGES["multi"], index, seed=4).images:
+            pixels = image.load()
+            right, bottom = IMAGE_SIDE - 1, IMAGE_SIDE - 1  # shapes keep 2 px off the border: corners are background
+            assert pixels[right, 0][0] > pixels[0, 0][0] and pixels[0, 0][1] == pixels[right, 0][1]
+            assert pixels[0, bottom][2] > pixels[0, 0][2]

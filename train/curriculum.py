@@ -10,6 +10,12 @@ time on small, plain images (one fixed side, so every image is the same few visi
 
 Within a sample every shape other than the target has another colour than the target, so the
 query's colour alone identifies it. Deterministic by seed, like `synth`.
+
+Every image carries a faint position tint: red rises by POSITION_TINT levels from left to right and
+blue from top to bottom, shapes included. Qwen2-VL's vision tower has no absolute position embedding
+(2-D rotary only, which moves no position into the values), so a model trained from scratch has to
+discover where a patch lies; on plain scenes our model answered one mean box for every image after
+the first stage (train/README.md). The tint puts each patch's position into its pixels.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from gemvg.runtime.grounding import Box
 
 from .schema import Sample
 from .synth import COLORS, SHAPES, Scene, SynthSample, _a, _Retry, _place, write_dataset
 
 IMAGE_SIDE = 112  # 8x8 patches of 14 px, 16 vision tokens after the 2x2 merge
+POSITION_TINT = 48  # levels of red (left to right) and blue (top to bottom) added across an image
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,15 @@ def _plain_scene(rng: random.Random) -> Scene:
     return Scene(IMAGE_SIDE, IMAGE_SIDE, ("solid", tint, tint, 8), [])
 
 
+def position_tinted(image: Image.Image) -> Image.Image:
+    """`image` with red shifted by -POSITION_TINT/2..+POSITION_TINT/2 along x and blue along y."""
+    pixels = np.asarray(image, dtype=np.int16).copy()
+    height, width = pixels.shape[:2]
+    pixels[..., 0] += np.round(np.linspace(-POSITION_TINT / 2, POSITION_TINT / 2, width)).astype(np.int16)[None, :]
+    pixels[..., 2] += np.round(np.linspace(-POSITION_TINT / 2, POSITION_TINT / 2, height)).astype(np.int16)[:, None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def make_stage_sample(stage: Stage, index: int, seed: int = 0) -> SynthSample:
     """Sample `index` of `stage`'s stream for `seed`."""
     for attempt in range(100):
@@ -71,7 +90,7 @@ def make_stage_sample(stage: Stage, index: int, seed: int = 0) -> SynthSample:
         sample = Sample(images=names, query=query, targets=[Box(home, *map(float, target.box), target.name)],
                         task=f"curriculum_{stage.name}", reasoning=f"{listing} The {target.name} is in image {home + 1}.",
                         image_sizes=[(s.width, s.height) for s in scenes], source=f"curriculum:{stage.name}:{seed}:{index}")
-        return SynthSample(sample, [scene.render() for scene in scenes])
+        return SynthSample(sample, [position_tinted(scene.render()) for scene in scenes])
     raise RuntimeError(f"curriculum: no layout fits for sample {index} of stage {stage.name}")
 
 
