@@ -27,7 +27,6 @@ from PIL import Image
 from gemvg.runtime import Engine
 from gemvg.runtime.grounding import ImageGeometry, format_answer, Box, parse_answer
 from gemvg.runtime.preprocess import load_image, preprocess_image
-from gemvg.runtime.vision import vision_feeds
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -217,20 +216,37 @@ def test_exif_orientation_is_applied_as_pil_does(native, tiny_bundle, tmp_path):
         native.lib.gemvg_engine_free(engine)
 
 
-def test_vision_feeds_match_with_windows(native_build, tiny_bundles, image_files):
-    manifest = Engine.load(tiny_bundles["qwen2_5_vl"]).manifest
-    assert manifest.vision.window_size > 0
-    for name in ("large.jpg", "wide.jpg", "thin_tall.png"):
-        prepared = preprocess_image(load_image(image_files[name], 10**9), manifest.preprocess)
-        feeds = vision_feeds(prepared.pixel_values, prepared.grid_thw, manifest.vision)
-        ours = check_tool(native_build, "vision", tiny_bundles["qwen2_5_vl"], image_files[name])
-        assert np.abs(np.asarray(ours["pixel_values"]).reshape(feeds.pixel_values.shape) - feeds.pixel_values).max() <= 1e-6
-        for table in ("rotary_cos", "rotary_sin"):
-            assert np.abs(np.asarray(ours[table]).reshape(feeds.rotary_cos.shape) - getattr(feeds, table)).max() <= 1e-6
-        assert np.array_equal(np.asarray(ours["window_gather"]).reshape(feeds.window_gather.shape), feeds.window_gather)
-        assert np.array_equal(ours["window_scatter"], feeds.window_scatter)
-        assert np.array_equal(ours["restore_order"], feeds.restore_order)
-        assert np.array_equal(np.asarray(ours["window_masked"]).reshape(feeds.window_bias.shape), feeds.window_bias < 0)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stages_equal_the_inspect_golden_vectors(family, native_build, tiny_bundles, image_files, tmp_path):
+    """`gemvg inspect` dumps every stage for other runtimes; the native one computes each of them alike."""
+    from gemvg.runtime.cli import main as gemvg
+
+    bundle, paths = tiny_bundles[family], [image_files[name] for name in ("large.jpg", "thin_tall.png", "palette.png")]
+    dump = tmp_path / "golden.npz"
+    argv = ["inspect", "--bundle", bundle, "--mode", "cot", "--query", "the cup, ünïcödé", "--out", dump]
+    assert gemvg([str(a) for a in argv + [x for path in paths for x in ("--image", path)]]) == 0
+    golden = np.load(dump)
+    ours = check_tool(native_build, "prompt", bundle, "cot", "the cup, ünïcödé", *paths)
+    assert ours["input_ids"] == golden["input_ids"][0].tolist()
+    assert np.array_equal(np.asarray(ours["positions"]).reshape(3, -1), golden["position_ids"][:, 0])
+    assert ours["image_spans"] == golden["image_spans"].tolist()
+    assert ours["next_position"] == int(golden["next_position"])
+    for table in ("rotary_cos", "rotary_sin"):
+        expected = golden[f"decoder_{table}"]
+        assert np.abs(np.asarray(ours[table]).reshape(expected.shape) - expected).max() <= 1e-6
+    for index, path in enumerate(paths):
+        feeds = check_tool(native_build, "vision", bundle, path)
+        for name in ("pixel_values", "rotary_cos", "rotary_sin"):
+            expected = golden[f"image_{index}_vision_{name}"]
+            assert np.abs(np.asarray(feeds[name]).reshape(expected.shape) - expected).max() <= 1e-6, (path, name)
+        windowed = f"image_{index}_vision_window_gather" in golden
+        assert windowed == (family == "qwen2_5_vl")
+        if windowed:
+            gather = golden[f"image_{index}_vision_window_gather"]
+            assert np.array_equal(np.asarray(feeds["window_gather"]).reshape(gather.shape), gather)
+            assert np.array_equal(feeds["window_scatter"], golden[f"image_{index}_vision_window_scatter"])
+            bias = golden[f"image_{index}_vision_window_bias"]
+            assert np.array_equal(np.asarray(feeds["window_masked"]).reshape(bias.shape), bias < 0)
 
 
 TEXTS = [

@@ -62,12 +62,15 @@ GEMVG_API size_t gemvg_result_token_count(const gemvg_result *r);
 GEMVG_API const int32_t *gemvg_result_tokens(const gemvg_result *r);  /* generated token ids, EOS kept */
 GEMVG_API size_t gemvg_result_reused_prefix_tokens(const gemvg_result *r); /* prompt tokens taken from the last request */
 /* Milliseconds of a stage: "preprocess", "vision", "prefill", "time_to_first_token", "decode",
- * "decode_per_token", "total"; -1 for an unknown name. */
+ * "decode_per_token", "total", and "onnxruntime" (inside the graphs' runs; total minus it is host-side
+ * work); -1 for an unknown name. */
 GEMVG_API double gemvg_result_timing_ms(const gemvg_result *r, const char *stage);
 /* The result as the JSON `gemvg ground --json` prints (boxes, text, token_ids, timings_ms, images,
  * reused_prefix_tokens). */
 GEMVG_API const char *gemvg_result_json(const gemvg_result *r);
 GEMVG_API void gemvg_result_free(gemvg_result *r);
+/* Forgets cached image features and the cached prompt prefix: the next request starts cold. */
+GEMVG_API void gemvg_engine_reset(gemvg_engine *e);
 GEMVG_API void gemvg_engine_free(gemvg_engine *e);
 
 /* The model pixels of one image file (what the vision encoder sees, before window reordering):

@@ -134,6 +134,9 @@ double gemvg_result_timing_ms(const gemvg_result *r, const char *stage) {
 const char *gemvg_result_json(const gemvg_result *r) { return r ? r->json.c_str() : ""; }
 void gemvg_result_free(gemvg_result *r) { delete r; }
 void gemvg_engine_free(gemvg_engine *e) { delete e; }
+void gemvg_engine_reset(gemvg_engine *e) {
+    if (e) e->engine->reset();
+}
 
 float *gemvg_pixel_values_file(gemvg_engine *e, const char *image_path, size_t *rows, size_t *cols) {
     return guarded([&]() -> float * {

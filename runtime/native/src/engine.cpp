@@ -281,44 +281,53 @@ Engine::Engine(const std::string &bundle_dir, const std::string &device, int thr
         if (std::find(decoder.inputs.begin(), decoder.inputs.end(), name) == decoder.inputs.end() &&
             std::find(decoder.outputs.begin(), decoder.outputs.end(), name) == decoder.outputs.end())
             bundle_error(bundle_dir + ": decoder graph lacks " + name + " (manifest and graph disagree)");
-    // M-RoPE: frequency j turns by the position along axis rotary_axis_[j] (float32, as transformers computes).
-    int half = manifest_.text.head_dim / 2;
-    for (int j = 0; j < half; j++) {
-        volatile float exponent = float(2 * j) / float(manifest_.text.head_dim);
-        volatile float power = std::pow(float(manifest_.text.rope_theta), float(exponent));
-        inv_freq_.push_back(1.0f / power);
-    }
-    for (int axis = 0; axis < 3; axis++)
-        for (int k = 0; k < manifest_.text.mrope_section[axis]; k++) rotary_axis_.push_back(axis);
+    rotary_ = std::make_unique<MRopeAngles>(manifest_.text);
     logits_.resize(size_t(manifest_.text.vocab_size));
 }
 
 Engine::~Engine() = default;
 
-void Engine::fill_rotary(const int64_t *positions, size_t stride, size_t count, float *cos_rows, float *sin_rows) const {
+void Engine::reset() {
+    features_.clear();
+    last_prefix_.reset();
+}
+
+MRopeAngles::MRopeAngles(const TextConfig &text) {
+    // float32, as transformers computes its rotary angles (inv_freq and position products in float32).
+    for (int j = 0; j < text.head_dim / 2; j++) {
+        volatile float exponent = float(2 * j) / float(text.head_dim);
+        volatile float power = std::pow(float(text.rope_theta), float(exponent));
+        inv_freq_.push_back(1.0f / power);
+    }
+    for (int axis = 0; axis < 3; axis++)
+        for (int k = 0; k < text.mrope_section[axis]; k++) axis_.push_back(axis);
+}
+
+void MRopeAngles::fill(const int64_t *positions, size_t stride, size_t count, float *cos_rows, float *sin_rows) const {
     size_t half = inv_freq_.size();
     for (size_t i = 0; i < count; i++)
         for (size_t j = 0; j < half; j++) {
-            volatile float angle = float(positions[size_t(rotary_axis_[j]) * stride + i]) * inv_freq_[j];
+            volatile float angle = float(positions[size_t(axis_[j]) * stride + i]) * inv_freq_[j];
             cos_rows[i * half + j] = std::cos(float(angle));
             sin_rows[i * half + j] = std::sin(float(angle));
         }
 }
 
-Prompt Engine::build_prompt(const std::string &user_text, const std::vector<PreparedImage> &images) const {
-    std::string text = manifest_.prompt_prefix;
-    for (size_t i = 0; i < images.size(); i++) text += manifest_.prompt_image;
-    text += user_text + manifest_.prompt_suffix;
-    std::vector<int64_t> ids = tokenizer_->encode(text);
-    size_t pads = size_t(std::count(ids.begin(), ids.end(), manifest_.image_pad));
+Prompt build_prompt(const Manifest &manifest, const Tokenizer &tokenizer, const std::string &user_text,
+                    const std::vector<PreparedImage> &images) {
+    std::string text = manifest.prompt_prefix;
+    for (size_t i = 0; i < images.size(); i++) text += manifest.prompt_image;
+    text += user_text + manifest.prompt_suffix;
+    std::vector<int64_t> ids = tokenizer.encode(text);
+    size_t pads = size_t(std::count(ids.begin(), ids.end(), manifest.image_pad));
     if (pads != images.size()) input_error("the query must not contain the model's image placeholder token");
-    int m = manifest_.vision.spatial_merge_size;
+    int m = manifest.vision.spatial_merge_size;
     Prompt prompt;
     size_t image = 0;
     int64_t current = 0;
     std::vector<int64_t> temporal, height, width;
     for (int64_t id : ids) {
-        if (id != manifest_.image_pad) {
+        if (id != manifest.image_pad) {
             prompt.input_ids.push_back(id);
             temporal.push_back(current), height.push_back(current), width.push_back(current);
             current++;
@@ -374,7 +383,9 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
         names.push_back(name.c_str());
     }
     const char *output = "image_features";
+    auto clock = std::chrono::steady_clock::now();
     auto outputs = vision_->Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), &output, 1);
+    session_ms_ += elapsed_ms(clock);
     auto shape = outputs[0].GetTensorTypeAndShapeInfo().GetShape();
     const float *merged = outputs[0].GetTensorData<float>();
     size_t tokens = size_t(shape[0]), hidden = size_t(shape[1]);
@@ -391,7 +402,9 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
 std::vector<float> Engine::embed(const int64_t *ids, size_t count) {
     Ort::Value input = tensor(const_cast<int64_t *>(ids), count, {1, int64_t(count)});
     const char *output = "inputs_embeds";
+    auto clock = std::chrono::steady_clock::now();
     auto outputs = embed_->Run(Ort::RunOptions{nullptr}, &EMBED_INPUT_IDS, &input, 1, &output, 1);
+    session_ms_ += elapsed_ms(clock);
     const float *data = outputs[0].GetTensorData<float>();
     return std::vector<float>(data, data + count * size_t(manifest_.text.hidden_size));
 }
@@ -402,7 +415,7 @@ const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, 
     if (total > cache.capacity)
         input_error("KV cache of " + std::to_string(cache.capacity) + " positions cannot hold " + std::to_string(total));
     size_t half = size_t(manifest_.text.head_dim / 2);
-    fill_rotary(positions, position_stride, count, &cache.rotary_cos[start * half], &cache.rotary_sin[start * half]);
+    rotary_->fill(positions, position_stride, count, &cache.rotary_cos[start * half], &cache.rotary_sin[start * half]);
     std::vector<int64_t> slots(count);
     for (size_t i = 0; i < count; i++) slots[i] = int64_t(start + i);
     int32_t seqlens_k = int32_t(total - 1), total_length = int32_t(total);
@@ -437,8 +450,10 @@ const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, 
     for (auto &name : input_names) in_ptrs.push_back(name.c_str());
     for (auto &name : output_names) out_ptrs.push_back(name.c_str());
     Ort::Session &session = count == 1 && step_decoder_ ? *step_decoder_ : *decoder_;
+    auto clock = std::chrono::steady_clock::now();
     session.Run(Ort::RunOptions{nullptr}, in_ptrs.data(), inputs.data(), inputs.size(), out_ptrs.data(), outputs.data(),
                 outputs.size());
+    session_ms_ += elapsed_ms(clock);
     cache.length = total;
     return logits_;
 }
@@ -446,6 +461,7 @@ const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, 
 Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens) {
     if (max_new_tokens < 1) input_error("max_new_tokens must be at least 1");
     Result result;
+    session_ms_ = 0;
     auto clock = std::chrono::steady_clock::now();
     if (!is_mode(mode)) input_error("unknown mode '" + mode + "'; expected one of direct, cot, raw");
     if (query.find_first_not_of(" \t\n\r\f\v") == std::string::npos) input_error("the query is empty");
@@ -460,7 +476,7 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
             input_error("image " + std::to_string(i) + " needs " + std::to_string(patches) + " patches, over this bundle's limit of " +
                         std::to_string(manifest_.max_patches_per_image));
     }
-    Prompt prompt = build_prompt(build_instruction(query, manifest_.family, mode), prepared);
+    Prompt prompt = build_prompt(manifest_, *tokenizer_, build_instruction(query, manifest_.family, mode), prepared);
     size_t prompt_length = prompt.input_ids.size();
     if ((long long)(prompt_length + size_t(max_new_tokens)) > manifest_.max_context)
         throw Error(ErrorKind::PromptTooLong, "prompt of " + std::to_string(prompt_length) + " tokens (images included) + " +
@@ -520,6 +536,7 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
     result.timings_ms["decode"] = elapsed_ms(clock);
     result.timings_ms["decode_per_token"] = result.timings_ms["decode"] / double(std::max<size_t>(1, tokens.size() - 1));
     result.timings_ms["total"] = result.timings_ms["time_to_first_token"] + result.timings_ms["decode"];
+    result.timings_ms["onnxruntime"] = session_ms_;  // inside the graphs' runs: the rest is host-side work
     result.reused_prefix_tokens = start;
     last_prefix_ = std::make_unique<PrefixState>();
     last_prefix_->input_ids = prompt.input_ids;
@@ -543,7 +560,7 @@ std::string Result::to_json() const {
     out["text"] = text;
     out["token_ids"] = tokens;
     nlohmann::ordered_json timings;
-    for (const char *stage : {"preprocess", "vision", "prefill", "time_to_first_token", "decode", "decode_per_token", "total"})
+    for (const char *stage : {"preprocess", "vision", "prefill", "time_to_first_token", "decode", "decode_per_token", "total", "onnxruntime"})
         timings[stage] = timings_ms.at(stage);
     out["timings_ms"] = timings;
     out["images"] = nlohmann::ordered_json::array();

@@ -53,6 +53,25 @@ struct Prompt {
     int64_t next_position = 0;
 };
 
+// The prompt for a user text over prepared images: the chat template's text tokenized, each image's
+// pad token expanded to its feature count, and M-RoPE positions as transformers' get_rope_index.
+Prompt build_prompt(const Manifest &manifest, const Tokenizer &tokenizer, const std::string &user_text,
+                    const std::vector<PreparedImage> &images);
+
+// Writes cos/sin rows [head_dim / 2] of tokens from their (temporal, height, width) positions: the
+// decoder's per-slot rotary tables (runtime/rotary.py).
+class MRopeAngles {
+public:
+    explicit MRopeAngles(const TextConfig &text);
+    // positions: axis a of token i at positions[a * stride + i]; rows of count tokens written.
+    void fill(const int64_t *positions, size_t stride, size_t count, float *cos_rows, float *sin_rows) const;
+    size_t half() const { return inv_freq_.size(); }
+
+private:
+    std::vector<float> inv_freq_;
+    std::vector<int> axis_;  // frequency j follows positions[axis_[j]]
+};
+
 struct Result {
     std::vector<Box> boxes;
     std::string text;
@@ -69,19 +88,19 @@ public:
     ~Engine();
     Result ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens);
     const Manifest &manifest() const { return manifest_; }
+    // Forgets cached image features and the cached prompt prefix (the next request starts cold).
+    void reset();
     PreparedImage prepare_image(const Rgb8Image &image) const { return preprocess_image(image, manifest_.preprocess); }
 
 private:
     struct Cache;
     struct PrefixState;
 
-    Prompt build_prompt(const std::string &user_text, const std::vector<PreparedImage> &images) const;
     std::vector<float> encode_image(const PreparedImage &image);
     std::vector<float> embed(const int64_t *ids, size_t count);
     // One decoder pass over `count` embeddings after the cache's filled prefix; returns the last logits.
     const std::vector<float> &run_decoder(const std::vector<float> &embeds, size_t count, const int64_t *positions,
                                           size_t position_stride, Cache &cache);
-    void fill_rotary(const int64_t *positions, size_t stride, size_t count, float *cos_rows, float *sin_rows) const;
 
     std::string bundle_dir_;
     Manifest manifest_;
@@ -89,9 +108,9 @@ private:
     Ort::SessionOptions options_;
     std::unique_ptr<Ort::Session> vision_, embed_, decoder_, step_decoder_;
     std::vector<std::string> vision_inputs_;
-    std::vector<float> inv_freq_;
-    std::vector<int> rotary_axis_;
+    std::unique_ptr<MRopeAngles> rotary_;
     std::vector<float> logits_;
+    double session_ms_ = 0;  // time inside ONNX Runtime's Run during the current request
     // Bounded LRU of vision features keyed by image content (a follow-up on the same frames skips vision).
     std::list<std::pair<std::string, std::vector<float>>> features_;
     std::unique_ptr<PrefixState> last_prefix_;

@@ -3,7 +3,9 @@
 //   native-check decode TOKENIZER_JSON     stdin: JSON list of id lists    -> stdout: JSON list of strings
 //   native-check parse                     stdin: JSON list of {text, family, geometries: [[w, h, rw, rh]]}
 //                                          -> stdout: JSON list of box lists [image, x1, y1, x2, y2, label]
-//   native-check vision BUNDLE IMAGE       -> stdout: JSON of the vision encoder's feeds (sizes and sums)
+//   native-check vision BUNDLE IMAGE       -> stdout: JSON of the vision encoder's feeds
+//   native-check prompt BUNDLE MODE QUERY IMAGE...  -> stdout: JSON of the prompt's ids, positions, spans
+//                                          and the decoder's rotary rows for them
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -52,8 +54,27 @@ int main(int argc, char **argv) {
             for (float b : feeds.window_bias) bias.push_back(b < 0);
             out["window_masked"] = bias;
             std::cout << out.dump() << "\n";
+        } else if (command == "prompt" && argc >= 6) {
+            gemvg::Manifest manifest = gemvg::load_manifest(argv[2], false);
+            gemvg::Tokenizer tokenizer(std::string(argv[2]) + "/" + manifest.tokenizer.path);
+            std::vector<gemvg::PreparedImage> images;
+            for (int i = 5; i < argc; i++)
+                images.push_back(gemvg::preprocess_image(gemvg::load_image_file(argv[i], manifest.preprocess.max_image_pixels),
+                                                         manifest.preprocess));
+            gemvg::Prompt prompt = gemvg::build_prompt(manifest, tokenizer,
+                                                       gemvg::build_instruction(argv[4], manifest.family, argv[3]), images);
+            size_t n = prompt.input_ids.size();
+            gemvg::MRopeAngles rotary(manifest.text);
+            std::vector<float> cos_rows(n * rotary.half()), sin_rows(n * rotary.half());
+            rotary.fill(prompt.positions.data(), n, n, cos_rows.data(), sin_rows.data());
+            json spans = json::array();
+            for (auto &[start, end] : prompt.image_spans) spans.push_back({start, end});
+            std::cout << json({{"input_ids", prompt.input_ids}, {"positions", prompt.positions}, {"image_spans", spans},
+                               {"next_position", prompt.next_position}, {"rotary_cos", cos_rows}, {"rotary_sin", sin_rows}})
+                             .dump()
+                      << "\n";
         } else {
-            std::cerr << "usage: native-check tokenize|decode TOKENIZER_JSON | parse | vision BUNDLE IMAGE\n";
+            std::cerr << "usage: native-check tokenize|decode TOKENIZER_JSON | parse | vision BUNDLE IMAGE | prompt BUNDLE MODE QUERY IMAGE...\n";
             return 2;
         }
     } catch (const std::exception &err) {
