@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     quant.add_argument("--calibration-samples", type=positive_int, default=None, metavar="N",
                        help="use at most N calibration requests")
-    quant.add_argument("--vision-precision", choices=["fp32", "int8"], default=None,
+    quant.add_argument("--vision-precision", choices=["fp32", "int8", "int8w"], default=None,
                        help="vision encoder precision (default: int8 with --precision int8, else fp32; int8 needs "
-                            "--calibration)")
+                            "--calibration; int8w: its linear layers weight-only 8-bit, a quarter of the bytes)")
     quant.add_argument("--block-size", type=positive_int, default=32, help="int4/int8w: weights per quantization block")
     quant.add_argument("--accuracy-level", type=non_negative_int, default=4,
                        help="int4/int8w: MatMulNBits accuracy_level (4 = int8 compute on CPU)")

@@ -353,7 +353,7 @@ def streams(options: ExportOptions) -> bool:
     if options.precision == "fp32":
         return True
     return (options.precision in WEIGHT_ONLY_BITS and options.upgrade_budget == 0 and not options.fp32_bundle
-            and options.quantize_options().vision == "fp32")
+            and options.quantize_options().vision in ("fp32", "int8w"))
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
@@ -400,6 +400,18 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     progress("exporting vision encoder (1/3)")
     visual = load_vision_tower(tensors, config, family)
     vision_names = export_vision(visual, family, vision, out, options.opset, options.target)
+    vision_precision = "fp32" if options.precision == "fp32" else options.quantize_options().vision
+    vision_record = {"scheme": "fp32"}
+    if vision_precision == "int8w":
+        from .quantize import weight_only_linears
+
+        progress("  vision linear layers -> weight-only 8-bit")
+        with tempfile.TemporaryDirectory(prefix=".vision-", dir=out) as temp:  # same names, then moved over
+            vision_record = weight_only_linears(out / "vision.onnx", Path(temp) / "vision.onnx", 8,
+                                                options.block_size, options.accuracy_level)
+            for name in ("vision.onnx", "vision.onnx.data"):
+                (Path(temp) / name).replace(out / name)
+                (out / name).chmod(0o644)  # as the other files (onnx writes its data file private)
     progress(f"  vision.onnx written ({time.perf_counter() - started:.1f} s, peak RSS {peak_rss_gb():.1f} GB)")
     vision_check = None
     if options.verify:
@@ -426,7 +438,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     max_patches = options.max_patches_per_image or preprocess.max_pixels // (preprocess.patch_size ** 2)
     extra = {}
     if fmt.bits is not None:
-        extra["quantization"] = {"precision": precision, "vision_precision": "fp32", "embed_precision": "fp32",
+        extra["quantization"] = {"precision": precision, "vision_precision": vision_precision,
+                                 "embed_precision": "fp32", "vision": vision_record,
                                  "decoder": weight_only_record(fmt), "calibration": {}}
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, family=family, precision=precision, text=text, vision=vision,
@@ -434,7 +447,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         limits=Limits(max_context=options.max_context or text.max_position_embeddings,
                       max_images=options.max_images, max_image_pixels=preprocess.max_image_pixels,
                       max_patches_per_image=max_patches),
-        vision_graph=graph_file(out, "vision.onnx", *vision_names),
+        vision_graph=graph_file(out, "vision.onnx", *vision_names, vision_precision),
         embed_graph=graph_file(out, "embed.onnx", *embed_names),
         decoder_graph=graph_file(out, "decoder.onnx", decoder_inputs, decoder_outputs, precision),
         tokenizer=graph_file(out, "tokenizer.json"),
@@ -490,8 +503,10 @@ def _verify(out: Path, manifest: Manifest, tensors, vision_check, family: str, c
     failures = []
     if not report.embed_exact:
         failures.append("embedding rows differ from the checkpoint's")
-    if not report.vision_diff <= LOGITS_TOLERANCE:
+    if manifest.vision_graph.precision == "fp32" and not report.vision_diff <= LOGITS_TOLERANCE:
         failures.append(f"vision features differ by {report.vision_diff:.3g} (relative) > {LOGITS_TOLERANCE:g}")
+    if not report.vision_cosine >= QUANTIZED_MIN_COSINE:
+        failures.append(f"vision features cosine {report.vision_cosine:.4f} < {QUANTIZED_MIN_COSINE}")
     if fmt.bits is None and not report.max_abs_logit_diff <= LOGITS_TOLERANCE:
         failures.append(f"max abs logit difference {report.max_abs_logit_diff:.3g} > {LOGITS_TOLERANCE:g}")
     worst_cosine = min(report.prefill_cosine, report.decode_cosine)

@@ -49,6 +49,8 @@ from gemvg.runtime.manifest import GraphFile, Manifest, graph_file, load_manifes
 from .onnx_files import LARGE_GRAPH_BYTES, graph_bytes, save_graph, weights_file
 
 PRECISIONS = ("fp32", "int8", "int4", "int8w")
+# int8w: the vision tower's linear layers weight-only 8-bit (MatMulNBits), no calibration needed.
+VISION_PRECISIONS = ("fp32", "int8", "int8w")
 STEP_DECODER_FILE = "decoder_step.onnx"
 WEIGHT_ONLY_BITS = {"int4": 4, "int8w": 8}
 # Output cosine against fp32 that the sensitivity pass must meet on its samples, by precision: 4-bit
@@ -80,7 +82,7 @@ class QuantizeError(GemvgError):
 @dataclass
 class QuantizeOptions:
     precision: str = "int8"
-    vision_precision: str | None = None  # fp32 | int8; default int8 for int8, fp32 for weight-only
+    vision_precision: str | None = None  # fp32 | int8 | int8w; default int8 for int8, fp32 for weight-only
     calibration: str | Path | None = None
     calibration_method: str = "minmax"
     calibration_samples: int | None = None  # cap on calibration requests (held-back ones excluded)
@@ -109,8 +111,8 @@ def check_options(options: QuantizeOptions) -> None:
     """Fail fast, before any export work, on options that cannot work."""
     if options.precision not in PRECISIONS or options.precision == "fp32":
         raise QuantizeError(f"unknown quantized precision {options.precision!r}; expected int8, int4 or int8w")
-    if options.vision not in ("fp32", "int8"):
-        raise QuantizeError(f"--vision-precision must be fp32 or int8, not {options.vision!r}")
+    if options.vision not in VISION_PRECISIONS:
+        raise QuantizeError(f"--vision-precision must be one of {', '.join(VISION_PRECISIONS)}, not {options.vision!r}")
     needs_calibration = options.precision == "int8" or options.vision == "int8"
     if needs_calibration and not options.calibration:
         what = "--precision int8" if options.precision == "int8" else "--vision-precision int8"
@@ -731,6 +733,65 @@ def weight_only(fp32_path: Path, out_path: Path, bits: int, block_size: int, acc
     }
 
 
+def weight_only_linears(source: Path, out_path: Path, bits: int, block_size: int, accuracy_level: int) -> dict:
+    """A traced graph's linear layers (Gemm with a constant [out, in] weight, as torch.onnx writes
+    nn.Linear) -> MatMulNBits with `bits`, the Gemm's bias as its bias input: the vision tower's weights in
+    a quarter of their bytes (8 bits), no calibration. Everything else is left as it is."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .decoder_builder import quantize_rows
+
+    started = time.perf_counter()
+    model = onnx.load(str(source), load_external_data=False)
+    initializers = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    converted, kept, replaced = [], [], set()
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        plain = attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0 \
+            and attrs.get("beta", 1.0) == 1.0 and readers.get(node.input[1]) == 1
+        if weight is None or not plain or len(weight.dims) != 2:
+            kept.append(node)
+            continue
+        rows = numpy_helper.to_array(weight, base_dir=str(source.parent)).astype(np.float32)
+        packed, scales = quantize_rows(rows, bits, block_size)
+        n, k = rows.shape
+        name = weight.name
+        model.graph.initializer.extend([numpy_helper.from_array(packed, f"{name}_Q{bits}"),
+                                        numpy_helper.from_array(scales, f"{name}_scales")])
+        replaced.add(name)
+        bias = node.input[2] if len(node.input) > 2 else ""
+        inputs = [node.input[0], f"{name}_Q{bits}", f"{name}_scales"] + (["", "", bias] if bias else [])
+        kept.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+                                     domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
+                                     **({"accuracy_level": accuracy_level} if accuracy_level else {})))
+        converted.append(node.name)
+    remaining = [init for init in model.graph.initializer if init.name not in replaced]
+    for init in remaining:  # the untouched weights still live in the source's data file: load them
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(source.parent))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(remaining)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    if not any(domain.domain == "com.microsoft" for domain in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if out_path.resolve() == source.resolve():
+        raise QuantizeError("weight_only_linears writes a new graph beside its source, not over it")
+    save_graph(model, out_path)
+    return {"scheme": f"weight-only {bits}-bit MatMulNBits on the linear layers (Gemm), symmetric, block "
+                      f"{block_size}, accuracy_level {accuracy_level}; everything else fp32",
+            "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
+            "quantized_nodes": len(converted), "seconds": round(time.perf_counter() - started, 1)}
+
+
 # -- the bundle ------------------------------------------------------------------------------------
 
 
@@ -785,7 +846,11 @@ def quantize_bundle(fp32_dir: str | Path, out_dir: str | Path, options: Quantize
     records: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gemvg-quant-") as temp:
         workdir = Path(temp)
-        if vision_feeds:
+        if options.vision == "int8w":
+            records["vision"] = weight_only_linears(fp32_dir / source.vision_graph.path,
+                                                    out / source.vision_graph.path, 8, options.block_size,
+                                                    options.accuracy_level)
+        elif vision_feeds:
             records["vision"] = static_int8(
                 fp32_dir / source.vision_graph.path, out / source.vision_graph.path, "vision", *vision_feeds,
                 options.calibration_method, options.target("vision"), workdir, progress)

@@ -169,3 +169,20 @@ def test_a_model_id_resolves_from_the_local_cache_only(tiny_checkpoints, tmp_pat
     assert export_main(["--model", "acme/absent-vl", "--out", str(tmp_path / "b")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "acme/absent-vl" in error and "cache" in error
+
+
+def test_vision_tower_weight_only_8bit(tiny_checkpoints, image_files, tmp_path, capsys):
+    """--vision-precision int8w: the tower's linear layers become 8-bit MatMulNBits, checked against
+    PyTorch by cosine, and the bundle grounds."""
+    bundle = tmp_path / "bundle"
+    assert export_main(["--model", str(tiny_checkpoints["qwen2_5_vl"]), "--out", str(bundle), "--precision", "int4",
+                        "--vision-precision", "int8w"]) == 0
+    capsys.readouterr()
+    vision = onnx.load(str(bundle / "vision.onnx"), load_external_data=False)
+    ops = [node.op_type for node in vision.graph.node]
+    assert ops.count("MatMulNBits") >= 4 * 2 and "Gemm" not in ops  # qkv, proj, fc1, fc2 per block (+ merger)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["vision_graph"]["precision"] == "int8w"
+    assert manifest["extra"]["verification"]["vision_cosine"] > 0.999
+    assert gemvg(["ground", "--bundle", str(bundle), "--image", str(image_files["rgb.jpg"]), "--query", "the cup",
+                  "--json", "--max-new-tokens", "4"]) == 0
