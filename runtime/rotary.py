@@ -7,7 +7,8 @@ all three axes. So once each token's cos/sin are known, attention needs no 3-D p
 GroupQueryAttention rotates q and k itself from per-slot tables the host fills (row i = the token in cache
 slot i), which replaces a Split and two rotary nodes per layer.
 
-float32 throughout, as transformers computes its rotary angles (inv_freq and position products in float32).
+float32, as transformers computes its rotary angles (inv_freq and position products in float32), with the
+power in inv_freq and the cos/sin rounded once from float64 (`inverse_frequencies`, `cos_sin`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ from .errors import BundleError
 from .manifest import TextConfig
 
 
+def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
+    """float32 1 / theta^(2j / dim), j < dim / 2, with the power rounded once from float64.
+
+    Rounded from float64 rather than numpy's float32 power, which is not correctly rounded (it differs
+    from torch's at real head sizes, e.g. 64 and 80) and not what the native runtime's libm computes;
+    the rounded float64 power is what both runtimes can compute alike (BUNDLE.md)."""
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    power = (np.float64(np.float32(theta)) ** exponents.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
+
+
+def cos_sin(angles: np.ndarray, cos_out: np.ndarray | None = None,
+            sin_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 cos and sin of float32 angles, computed in float64 and rounded once: the same bits on every
+    CPU and in every runtime (numpy's float32 SIMD cos/sin are not correctly rounded and depend on FMA)."""
+    return (np.cos(angles, out=cos_out, dtype=np.float64) if cos_out is not None
+            else np.cos(angles.astype(np.float64)).astype(np.float32),
+            np.sin(angles, out=sin_out, dtype=np.float64) if sin_out is not None
+            else np.sin(angles.astype(np.float64)).astype(np.float32))
+
+
 class MRopeAngles:
     """Writes cos/sin rows [head_dim / 2] of tokens from their (temporal, height, width) positions."""
 
@@ -26,12 +48,10 @@ class MRopeAngles:
         if sum(text.mrope_section) != half:
             raise BundleError(f"manifest text.mrope_section {list(text.mrope_section)} does not sum to "
                               f"head_dim / 2 = {half}")
-        exponents = np.arange(0, text.head_dim, 2, dtype=np.float32) / np.float32(text.head_dim)
-        self.inv_freq = (1.0 / (np.float32(text.rope_theta) ** exponents)).astype(np.float32)
+        self.inv_freq = inverse_frequencies(text.rope_theta, text.head_dim)
         self.axis = np.repeat(np.arange(3), text.mrope_section)  # frequency j follows positions[axis[j]]
 
     def fill(self, positions: np.ndarray, cos_rows: np.ndarray, sin_rows: np.ndarray) -> None:
         """positions int [3, n] -> cos_rows, sin_rows [n, head_dim / 2], written in place."""
         angles = positions[self.axis].T.astype(np.float32) * self.inv_freq
-        np.cos(angles, out=cos_rows)
-        np.sin(angles, out=sin_rows)
+        cos_sin(angles, cos_rows, sin_rows)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import VisionConfig
+from .rotary import cos_sin, inverse_frequencies
 
 
 @dataclass
@@ -42,11 +43,11 @@ def patch_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
 def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of the vision tower's axial 2-D rotary embedding: half the frequencies per axis."""
     spatial_dim = head_dim // 2
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, spatial_dim, 2, dtype=np.float32) / np.float32(spatial_dim))))
-    freqs = positions[:, :, None].astype(np.float32) * inv_freq.astype(np.float32)  # [n, 2, spatial_dim/2]
+    inv_freq = inverse_frequencies(theta, spatial_dim)
+    freqs = positions[:, :, None].astype(np.float32) * inv_freq  # [n, 2, spatial_dim/2]
     freqs = freqs.reshape(len(positions), -1)  # (h freqs, w freqs)
     angles = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(angles), np.sin(angles)
+    return cos_sin(angles)
 
 
 def window_partition(grid_h: int, grid_w: int, merge: int, window_merged: int) -> tuple[np.ndarray, np.ndarray]:

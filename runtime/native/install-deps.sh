@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the native runtime's build needs on a fresh Debian 12 (bookworm) machine, as root:
 #   runtime/native/install-deps.sh [PREFIX]
-# Debian's compiler, cmake and libraries (PCRE2, libjpeg-turbo, libpng, nlohmann JSON), and ONNX Runtime's
+# Debian's compiler, cmake and libraries (PCRE2, libjpeg-turbo, libpng, OpenSSL, nlohmann JSON), and ONNX Runtime's
 # C headers, which no PyPI package ships: they come from Debian 13 (trixie)'s libonnxruntime-dev, unpacked
 # (not installed) into PREFIX (default: .deps/onnxruntime in the repository). The shared library the build
 # links is the onnxruntime wheel's (the C API is versioned and backward compatible: 1.21 headers work
@@ -13,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 apt-get update -q
 apt-get install -y -q --no-install-recommends build-essential cmake pkg-config \
-    libpcre2-dev libjpeg62-turbo-dev libpng-dev nlohmann-json3-dev
+    libpcre2-dev libjpeg62-turbo-dev libpng-dev libssl-dev nlohmann-json3-dev
 
 if [ -f "$prefix/include/onnxruntime_c_api.h" ]; then
     echo "ONNX Runtime headers already in $prefix/include"

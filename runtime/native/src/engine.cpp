@@ -293,12 +293,7 @@ void Engine::reset() {
 }
 
 MRopeAngles::MRopeAngles(const TextConfig &text) {
-    // float32, as transformers computes its rotary angles (inv_freq and position products in float32).
-    for (int j = 0; j < text.head_dim / 2; j++) {
-        volatile float exponent = float(2 * j) / float(text.head_dim);
-        volatile float power = std::pow(float(text.rope_theta), float(exponent));
-        inv_freq_.push_back(1.0f / power);
-    }
+    inv_freq_ = inverse_frequencies(text.rope_theta, text.head_dim);
     for (int axis = 0; axis < 3; axis++)
         for (int k = 0; k < text.mrope_section[axis]; k++) axis_.push_back(axis);
 }
@@ -308,8 +303,8 @@ void MRopeAngles::fill(const int64_t *positions, size_t stride, size_t count, fl
     for (size_t i = 0; i < count; i++)
         for (size_t j = 0; j < half; j++) {
             volatile float angle = float(positions[size_t(axis_[j]) * stride + i]) * inv_freq_[j];
-            cos_rows[i * half + j] = std::cos(float(angle));
-            sin_rows[i * half + j] = std::sin(float(angle));
+            cos_rows[i * half + j] = rounded_cos(angle);
+            sin_rows[i * half + j] = rounded_sin(angle);
         }
 }
 

@@ -400,18 +400,23 @@ PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &c
     return out;
 }
 
+std::vector<float> inverse_frequencies(double theta, int dim) {
+    std::vector<float> inv_freq;
+    for (int j = 0; j < dim / 2; j++) {
+        volatile float exponent = float(2 * j) / float(dim);
+        float power = float(std::pow(double(float(theta)), double(exponent)));
+        inv_freq.push_back(1.0f / power);
+    }
+    return inv_freq;
+}
+
 VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config) {
     int m = config.spatial_merge_size, unit = m * m;
     size_t patches = size_t(image.grid_t) * image.grid_h * image.grid_w;
     VisionFeeds feeds;
     // Rotary: the axial 2-D embedding, (row freqs, col freqs) twice, in float32 as the vision tower does.
     int head_dim = config.head_dim, spatial = head_dim / 2, half = spatial / 2;
-    std::vector<float> inv_freq(static_cast<size_t>(half));
-    for (int j = 0; j < half; j++) {
-        volatile float exponent = float(2 * j) / float(spatial);
-        volatile float power = std::pow(float(config.rope_theta), float(exponent));
-        inv_freq[size_t(j)] = 1.0f / power;
-    }
+    std::vector<float> inv_freq = inverse_frequencies(config.rope_theta, spatial);
     feeds.rotary_cos.resize(patches * head_dim);
     feeds.rotary_sin.resize(patches * head_dim);
     size_t row = 0;
@@ -424,7 +429,7 @@ VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config)
                         for (int axis = 0; axis < 2; axis++)
                             for (int j = 0; j < half; j++) {
                                 volatile float angle = position[axis] * inv_freq[size_t(j)];
-                                float c = std::cos(float(angle)), s = std::sin(float(angle));
+                                float c = rounded_cos(angle), s = rounded_sin(angle);
                                 size_t at = row * head_dim + size_t(axis) * half + j;
                                 feeds.rotary_cos[at] = feeds.rotary_cos[at + spatial] = c;
                                 feeds.rotary_sin[at] = feeds.rotary_sin[at + spatial] = s;

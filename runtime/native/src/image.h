@@ -1,6 +1,7 @@
 // Images in, model pixels out (runtime/preprocess.py and runtime/vision.py, natively).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -53,11 +54,20 @@ Rgb8Image load_image_file(const std::string &path, long long max_image_pixels);
 Rgb8Image rgb_image(const uint8_t *pixels, int width, int height, int stride, long long max_image_pixels,
                     const std::string &name);
 
+// float32 1 / theta^(2j / dim) for j < dim / 2, the power rounded once from float64, and float32 cos/sin
+// rounded once from float64: the rotary arithmetic both runtimes share (runtime/rotary.py).
+std::vector<float> inverse_frequencies(double theta, int dim);
+inline float rounded_cos(float angle);
+inline float rounded_sin(float angle);
+
 // Qwen2-VL's resize rule (Python's round: half to even). Returns {height, width}.
 std::pair<int, int> smart_resize(int height, int width, int factor, long long min_pixels, long long max_pixels);
 // PIL's bicubic resample of an 8-bit RGB image (Image.resize(..., BICUBIC)), bit for bit.
 Rgb8Image resize_bicubic(const Rgb8Image &image, int width, int height);
 PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &config);
 VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config);
+
+inline float rounded_cos(float angle) { return float(std::cos(double(angle))); }
+inline float rounded_sin(float angle) { return float(std::sin(double(angle))); }
 
 }  // namespace gemvg

@@ -83,6 +83,11 @@ Tokenizer::Tokenizer(const std::string &path) {
         std::ifstream in(path);
         if (!in) throw Error(ErrorKind::Bundle, path + ": cannot read the tokenizer");
         data = json::parse(in);
+        // Qwen's tokenizers normalise with NFC, which leaves NFC text (what callers give) unchanged; the
+        // native runtime applies no normalizer, so any other one is refused rather than ignored.
+        if (data.contains("normalizer") && !data["normalizer"].is_null() && data["normalizer"].value("type", "") != "NFC")
+            throw Error(ErrorKind::Bundle, path + ": the tokenizer's normalizer " + data["normalizer"].value("type", "?") +
+                                               " is not supported natively");
         const json &model = data.at("model");
         if (model.value("type", "BPE") != "BPE")
             throw Error(ErrorKind::Bundle, path + ": only BPE tokenizers are supported natively");
