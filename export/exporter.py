@@ -418,8 +418,12 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         from .verify import check_vision
 
         progress("  checking the vision encoder against transformers' vision tower")
-        vision_check = check_vision(out / "vision.onnx", preprocess, vision, visual)
-    del visual  # the vision tower is the largest thing the export holds: gone before the decoder
+        holder = [visual]
+        del visual
+        vision_check = check_vision(out / "vision.onnx", preprocess, vision, holder[0],
+                                    release=lambda: (holder.clear(), gc.collect()))
+    else:
+        del visual  # the vision tower is the largest thing the export holds: gone before the decoder
     gc.collect()
     started = time.perf_counter()
     progress("writing token embedding (2/3)")

@@ -93,25 +93,31 @@ class VisionCheck:
     cosine: float  # lowest over the images
 
 
-def check_vision(vision_graph: Path, preprocess, vision, visual) -> VisionCheck:
+def check_vision(vision_graph: Path, preprocess, vision, visual, release: Callable[[], None]) -> VisionCheck:
     """The ONNX vision encoder against transformers' vision tower `visual` on the sample images. Run right
-    after the vision export, so that the tower can be let go before the decoder is written."""
+    after the vision export; `release()` is called once the tower's outputs are computed, so that its
+    weights are gone before the ONNX session holds the graph's (and before the decoder is written)."""
     import torch
 
     images = [preprocess_image(load_image(image, preprocess.max_image_pixels), preprocess) for image in sample_images()]
+    # transformers first, then the tower's weights can go before the ONNX session maps its own copy.
+    references = []
+    with torch.no_grad():
+        for image in images:
+            reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
+            reference = getattr(reference, "pooler_output", reference)
+            references.append((reference[0] if isinstance(reference, tuple) else reference).float().numpy())
+    del visual, reference
+    release()
     session = _session(vision_graph)
     declared = {i.name for i in session.get_inputs()}
     features, worst, lowest = [], 0.0, 1.0
-    for image in images:
+    for image, reference in zip(images, references):
         feeds = vision_feeds(image.pixel_values, image.grid_thw, vision)
         inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS if name in declared}
         (ours,) = session.run(None, inputs)
         if feeds.restore_order is not None:
             ours = ours[feeds.restore_order]
-        with torch.no_grad():
-            reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
-        reference = getattr(reference, "pooler_output", reference)
-        reference = (reference[0] if isinstance(reference, tuple) else reference).float().numpy()
         worst = float(np.max([worst, np.abs(ours - reference).max() / max(1.0, np.abs(reference).max())]))
         lowest = min(lowest, cosine(ours, reference))
         features.append(ours)
@@ -172,6 +178,7 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
                       check_path, fmt, layers=layers, reused=written)
         session = _session(check_path)
         ours_prefill, ours_step, next_token = _run_truncated(session, manifest, layers, embeds, prompt, tensors)
+        del session
     finally:
         check_path.unlink(missing_ok=True)
 
