@@ -205,13 +205,45 @@ def test_exif_orientation_is_applied_as_pil_does(native, tiny_bundle, tmp_path):
     image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (30, 70, 3), dtype=np.uint8))
     try:
         for orientation in range(1, 9):
-            exif = Image.Exif()
-            exif[0x0112] = orientation
-            path = tmp_path / f"orientation_{orientation}.jpg"
-            image.save(path, exif=exif.tobytes(), quality=95)
-            expected = preprocess_image(load_image(path, 10**9), python.manifest.preprocess).pixel_values
-            ours = native.pixel_values(engine, path)
-            assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1e-6, orientation
+            for suffix in (".jpg", ".png"):  # JPEG APP1 and PNG eXIf
+                exif = Image.Exif()
+                exif[0x0112] = orientation
+                path = tmp_path / f"orientation_{orientation}{suffix}"
+                image.save(path, exif=exif.tobytes())
+                expected = preprocess_image(load_image(path, 10**9), python.manifest.preprocess).pixel_values
+                ours = native.pixel_values(engine, path)
+                assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1e-6, path.name
+    finally:
+        native.lib.gemvg_engine_free(engine)
+
+
+def _write_png(path: Path, samples: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (PIL writes 16-bit grey only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples.reshape(height, -1))
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_pngs_decode_as_pil_does(native, tiny_bundle, tmp_path):
+    python = Engine.load(tiny_bundle)
+    engine = native.load(tiny_bundle)
+    rng = np.random.default_rng(8)
+    files = {"rgb16.png": (rng.integers(0, 65536, (40, 50, 3)), 2), "gray_alpha16.png": (rng.integers(0, 65536, (40, 50, 2)), 4),
+             "gray16.png": (rng.integers(0, 600, (40, 50)), 0)}  # grey: PIL's I;16, clipped at 255 on conversion
+    try:
+        for name, (samples, color_type) in files.items():
+            _write_png(tmp_path / name, samples, color_type)
+            expected = preprocess_image(load_image(tmp_path / name, 10**9), python.manifest.preprocess).pixel_values
+            ours = native.pixel_values(engine, tmp_path / name)
+            assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1e-6, name
     finally:
         native.lib.gemvg_engine_free(engine)
 

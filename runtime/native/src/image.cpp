@@ -36,10 +36,12 @@ void check_size(const std::string &name, long long width, long long height, long
 
 // -- EXIF orientation (what PIL's ImageOps.exif_transpose applies) ------------------------------------
 
+// The orientation tag of EXIF data: a JPEG APP1 segment ("Exif\0\0" + TIFF) or a PNG eXIf chunk (TIFF).
 int exif_orientation(const uint8_t *data, size_t size) {
-    if (size < 14 || std::memcmp(data, "Exif\0\0", 6) != 0) return 1;
-    const uint8_t *tiff = data + 6;
-    size_t n = size - 6;
+    if (size >= 6 && std::memcmp(data, "Exif\0\0", 6) == 0) data += 6, size -= 6;
+    if (size < 8 || !(std::memcmp(data, "II*\0", 4) == 0 || std::memcmp(data, "MM\0*", 4) == 0)) return 1;
+    const uint8_t *tiff = data;
+    size_t n = size;
     bool little = tiff[0] == 'I';
     auto u16 = [&](size_t at) -> unsigned { return at + 2 > n ? 0 : little ? tiff[at] | tiff[at + 1] << 8 : tiff[at] << 8 | tiff[at + 1]; };
     auto u32 = [&](size_t at) -> size_t {
@@ -182,15 +184,18 @@ Rgb8Image decode_png(FILE *file, const std::string &name, long long max_image_pi
     }
     int color = png_get_color_type(png, info);
     int depth = png_get_bit_depth(png, info);
-    // As PIL's convert("RGB"): palettes and gray expanded, alpha dropped (not composited), 16 bits -> high byte.
+    // As PIL's convert("RGB"): palettes and gray expanded, alpha dropped (not composited), 16-bit samples
+    // cut to their high byte, except 16-bit grey without alpha, which PIL opens as I;16 and clips at 255.
+    bool gray16 = color == PNG_COLOR_TYPE_GRAY && depth == 16;
     if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
     if (color == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(png);
-    if (depth == 16) png_set_strip_16(png);
-    if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
+    if (depth == 16 && !gray16) png_set_strip_16(png);
+    if ((color == PNG_COLOR_TYPE_GRAY && !gray16) || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
     png_set_strip_alpha(png);
     png_set_interlace_handling(png);
     png_read_update_info(png, info);
-    if (png_get_rowbytes(png, info) != size_t(width) * 3) {
+    size_t row_bytes = gray16 ? size_t(width) * 2 : size_t(width) * 3;
+    if (png_get_rowbytes(png, info) != row_bytes) {
         png_destroy_read_struct(&png, &info, nullptr);
         delete rows;
         image_error(name + ": unsupported PNG layout");
@@ -198,13 +203,27 @@ Rgb8Image decode_png(FILE *file, const std::string &name, long long max_image_pi
     image->width = int(width);
     image->height = int(height);
     image->pixels.resize(size_t(width) * height * 3);
+    // 16-bit grey rows are read into the first two thirds of each RGB row, then widened in place.
     rows->resize(size_t(height));
     for (long long y = 0; y < height; y++) (*rows)[size_t(y)] = &image->pixels[size_t(y) * width * 3];
     png_read_image(png, rows->data());
-    png_read_end(png, nullptr);
+    png_read_end(png, info);
+    int orientation = 1;
+    png_uint_32 exif_size = 0;
+    png_bytep exif = nullptr;
+    if (png_get_eXIf_1(png, info, &exif_size, &exif) && exif) orientation = exif_orientation(exif, exif_size);
     png_destroy_read_struct(&png, &info, nullptr);
     delete rows;
-    return std::move(*image);
+    if (gray16)
+        for (long long y = 0; y < height; y++) {
+            uint8_t *row = &image->pixels[size_t(y) * width * 3];
+            for (long long x = width - 1; x >= 0; x--) {  // backwards: the 2-byte samples lie before their RGB slots
+                unsigned value = unsigned(row[2 * x]) << 8 | row[2 * x + 1];
+                uint8_t clipped = uint8_t(value > 255 ? 255 : value);
+                row[3 * x] = row[3 * x + 1] = row[3 * x + 2] = clipped;
+            }
+        }
+    return apply_orientation(std::move(*image), orientation);
 }
 
 // -- PIL's resample (Pillow's libImaging/Resample.c, 8 bits per channel) -----------------------------
