@@ -166,6 +166,32 @@ def test_tokens_match_the_python_engine_first_query_and_follow_up(family, native
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_jump_forward_matches_the_python_engine(family, native, native_build, tiny_bundles, image_files):
+    python = Engine.load(tiny_bundles[family])
+    # What jump-forward feeds after every prefix of trained answers (both syntaxes, every mode).
+    geometries = [python.prepare([image_files["rgb.jpg"]], "q").images[0].geometry] * 2
+    answer_boxes = [Box(1, 3, 4, 30, 40, "red cup"), Box(0, 10, 12, 50, 44, "the lid")]
+    for mode in ("direct", "cot", "raw"):
+        answer = format_answer(answer_boxes, family, geometries, mode, reasoning='two {"things')
+        ids = python.tokenizer.encode(answer, add_special_tokens=False).ids
+        prefixes = [ids[:end] for end in range(1, len(ids) + 1)]
+        expected = [python.forced_tokens(prefix, mode) for prefix in prefixes]
+        assert sum(map(bool, expected)) >= (0 if mode == "raw" else 4)
+        assert check_tool(native_build, "forced", tiny_bundles[family], mode, stdin=prefixes) == expected
+    # Whole requests with jump-forward on (the random model rarely writes forcing text: they check the
+    # option changes nothing else).
+    engine = native.load(tiny_bundles[family])
+    native.lib.gemvg_engine_set_jump_forward.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    native.lib.gemvg_engine_set_jump_forward(engine, 1)
+    try:
+        paths = [image_files["rgb.jpg"], image_files["wide.jpg"]]
+        ours = native.ground_files(engine, paths, "the cup", "direct", 24)
+        same_result(ours, python.ground(paths, "the cup", max_new_tokens=24, jump_forward=True))
+    finally:
+        native.lib.gemvg_engine_free(engine)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rgb_frames_match_the_python_engine(family, native, tiny_bundles, image_files):
     frames = [np.asarray(load_image(image_files[name], 10**9)) for name in ("large.jpg", "rgb.jpg")]
     # A frame with row padding (stride > 3 * width), as camera buffers have.
@@ -376,12 +402,12 @@ def test_cli_grounds_with_the_python_cli_json(native_build, tiny_bundle, image_f
     from gemvg.runtime.cli import main as gemvg
 
     args = ["--bundle", tiny_bundle, "--image", image_files["rgb.jpg"], "--image", image_files["gray.png"], "--query",
-            "the cup", "--max-new-tokens", "12", "--json"]
+            "the cup", "--max-new-tokens", "12", "--jump-forward", "--json"]
     code, out, err = cli(native_build, *args)
     assert code == 0, err
     ours = json.loads(out)
     expected = Engine.load(tiny_bundle).ground([image_files["rgb.jpg"], image_files["gray.png"]], "the cup",
-                                               max_new_tokens=12)
+                                               max_new_tokens=12, jump_forward=True)
     same_result(ours, expected)
     assert list(ours) == list(expected.to_dict())
     assert gemvg(["ground", *map(str, args)]) == 0  # the same flags work for `gemvg ground`

@@ -69,6 +69,9 @@ GEMVG_API double gemvg_result_timing_ms(const gemvg_result *r, const char *stage
  * reused_prefix_tokens). */
 GEMVG_API const char *gemvg_result_json(const gemvg_result *r);
 GEMVG_API void gemvg_result_free(gemvg_result *r);
+/* Jump-forward (off by default): the text the box syntax forces after a generated token is fed with it
+ * in one decoder pass instead of one pass per token, as `gemvg ground --jump-forward`. */
+GEMVG_API void gemvg_engine_set_jump_forward(gemvg_engine *e, int enabled);
 /* Forgets cached image features and the cached prompt prefix: the next request starts cold. */
 GEMVG_API void gemvg_engine_reset(gemvg_engine *e);
 GEMVG_API void gemvg_engine_free(gemvg_engine *e);

@@ -12,6 +12,7 @@
 
 struct gemvg_engine {
     std::unique_ptr<gemvg::Engine> engine;
+    bool jump_forward = false;
 };
 
 struct gemvg_result {
@@ -52,7 +53,7 @@ gemvg_result *ground(gemvg_engine *e, std::vector<gemvg::Rgb8Image> images, cons
                      int max_new_tokens) {
     auto *out = new gemvg_result();
     std::unique_ptr<gemvg_result> owner(out);
-    out->result = e->engine->ground(images, query, mode ? mode : "direct", max_new_tokens);
+    out->result = e->engine->ground(images, query, mode ? mode : "direct", max_new_tokens, e->jump_forward);
     out->json = out->result.to_json();
     return owner.release();
 }
@@ -134,6 +135,10 @@ double gemvg_result_timing_ms(const gemvg_result *r, const char *stage) {
 const char *gemvg_result_json(const gemvg_result *r) { return r ? r->json.c_str() : ""; }
 void gemvg_result_free(gemvg_result *r) { delete r; }
 void gemvg_engine_free(gemvg_engine *e) { delete e; }
+void gemvg_engine_set_jump_forward(gemvg_engine *e, int enabled) {
+    if (e) e->jump_forward = enabled != 0;
+}
+
 void gemvg_engine_reset(gemvg_engine *e) {
     if (e) e->engine->reset();
 }

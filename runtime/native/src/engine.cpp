@@ -22,6 +22,8 @@ namespace {
 
 constexpr int MANIFEST_SCHEMA_VERSION = 2;
 constexpr size_t FEATURE_CACHE_CAPACITY = 32;
+// Tokens of generated text re-tokenized with the forced text (the longest forced ending is under 20 tokens).
+constexpr size_t FORCING_CONTEXT = 32;
 
 // The bundle's graph I/O names (runtime/bundle_io.py; BUNDLE.md).
 const char *EMBED_INPUT_IDS = "input_ids";
@@ -453,13 +455,37 @@ const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, 
     return logits_;
 }
 
-Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens) {
+bool Engine::is_eos(int32_t token) const {
+    return std::find(manifest_.eos.begin(), manifest_.eos.end(), token) != manifest_.eos.end();
+}
+
+std::string Engine::decode_text(const std::vector<int32_t> &tokens) const {
+    bool ends_with_eos = !tokens.empty() && is_eos(tokens.back());
+    return tokenizer_->decode(std::vector<int32_t>(tokens.begin(), tokens.end() - (ends_with_eos ? 1 : 0)));
+}
+
+std::vector<int32_t> Engine::forced_tokens(const std::vector<int32_t> &tokens, const std::string &mode) const {
+    std::string forced = forced_continuation(decode_text(tokens), manifest_.family, mode);
+    if (forced.empty()) return {};
+    // The forced endings are local: a few tokens of text to tokenize. The forced ids are what tokenizing
+    // the text with them adds to tokenizing it alone, provided the forced text does not merge with the
+    // text's last token (then it would not be a continuation).
+    size_t context = std::min<size_t>(tokens.size(), FORCING_CONTEXT);
+    std::string text = tokenizer_->decode(std::vector<int32_t>(tokens.end() - long(context), tokens.end()));
+    std::vector<int64_t> alone = tokenizer_->encode(text), ids = tokenizer_->encode(text + forced);
+    if (ids.size() < alone.size() || !std::equal(alone.begin(), alone.end(), ids.begin())) return {};
+    return std::vector<int32_t>(ids.begin() + long(alone.size()), ids.end());
+}
+
+Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens,
+                      bool jump_forward) {
     if (max_new_tokens < 1) input_error("max_new_tokens must be at least 1");
     Result result;
     session_ms_ = 0;
     auto clock = std::chrono::steady_clock::now();
     if (!is_mode(mode)) input_error("unknown mode '" + mode + "'; expected one of direct, cot, raw");
     if (query.find_first_not_of(" \t\n\r\f\v") == std::string::npos) input_error("the query is empty");
+    if (!is_valid_utf8(query)) input_error("the query is not valid UTF-8");
     if (images.empty()) input_error("no images: give at least one image to ground the query in");
     if ((long long)images.size() > manifest_.max_images)
         input_error(std::to_string(images.size()) + " images is over this bundle's limit of " + std::to_string(manifest_.max_images));
@@ -516,16 +542,24 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
 
     clock = std::chrono::steady_clock::now();
     auto argmax = [](const std::vector<float> &v) { return int32_t(std::max_element(v.begin(), v.end()) - v.begin()); };
-    auto is_eos = [&](int32_t token) { return std::find(manifest_.eos.begin(), manifest_.eos.end(), token) != manifest_.eos.end(); };
     std::vector<int32_t> &tokens = result.tokens;
     tokens.push_back(argmax(*logits));
     int64_t position = prompt.next_position;
     while (!is_eos(tokens.back()) && tokens.size() < size_t(max_new_tokens)) {
-        int64_t id = tokens.back();
-        std::vector<float> step = embed(&id, 1);
-        int64_t positions[3] = {position, position, position};
-        logits = &run_decoder(step, 1, positions, 1, *cache);
-        position++;
+        std::vector<int64_t> fed = {tokens.back()};
+        if (jump_forward) {
+            std::vector<int32_t> forced = forced_tokens(tokens, mode);
+            forced.resize(std::min(forced.size(), size_t(max_new_tokens) - tokens.size()));
+            tokens.insert(tokens.end(), forced.begin(), forced.end());
+            fed.insert(fed.end(), forced.begin(), forced.end());
+            if (tokens.size() >= size_t(max_new_tokens)) break;
+        }
+        std::vector<float> step = embed(fed.data(), fed.size());
+        std::vector<int64_t> positions(3 * fed.size());  // text positions: the same on all three axes
+        for (size_t axis = 0; axis < 3; axis++)
+            for (size_t i = 0; i < fed.size(); i++) positions[axis * fed.size() + i] = position + int64_t(i);
+        logits = &run_decoder(step, fed.size(), positions.data(), fed.size(), *cache);
+        position += int64_t(fed.size());
         tokens.push_back(argmax(*logits));
     }
     result.timings_ms["decode"] = elapsed_ms(clock);
@@ -539,8 +573,7 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
     last_prefix_->image_spans = prompt.image_spans;
     last_prefix_->cache = std::move(cache);
 
-    std::vector<int32_t> body(tokens.begin(), tokens.end() - (is_eos(tokens.back()) ? 1 : 0));
-    result.text = tokenizer_->decode(body);
+    result.text = decode_text(tokens);
     for (auto &image : prepared)
         result.images.push_back({image.width, image.height, image.resized_width, image.resized_height});
     result.boxes = parse_answer(result.text, manifest_.family, result.images);

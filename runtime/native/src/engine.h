@@ -86,8 +86,14 @@ class Engine {
 public:
     Engine(const std::string &bundle_dir, const std::string &device, int threads);
     ~Engine();
-    Result ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens);
+    // jump_forward: the text the box syntax forces after a pick goes through the decoder with it in one
+    // pass (Engine.ground(..., jump_forward=True) in Python).
+    Result ground(const std::vector<Rgb8Image> &images, const std::string &query, const std::string &mode, int max_new_tokens,
+                  bool jump_forward = false);
     const Manifest &manifest() const { return manifest_; }
+    // The ids of the text the box syntax forces after `tokens`, or none (when nothing is forced or the
+    // forced text would not tokenize as a continuation).
+    std::vector<int32_t> forced_tokens(const std::vector<int32_t> &tokens, const std::string &mode) const;
     // Forgets cached image features and the cached prompt prefix (the next request starts cold).
     void reset();
     PreparedImage prepare_image(const Rgb8Image &image) const { return preprocess_image(image, manifest_.preprocess); }
@@ -98,6 +104,8 @@ private:
 
     std::vector<float> encode_image(const PreparedImage &image);
     std::vector<float> embed(const int64_t *ids, size_t count);
+    std::string decode_text(const std::vector<int32_t> &tokens) const;
+    bool is_eos(int32_t token) const;
     // One decoder pass over `count` embeddings after the cache's filled prefix; returns the last logits.
     const std::vector<float> &run_decoder(const std::vector<float> &embeds, size_t count, const int64_t *positions,
                                           size_t position_stride, Cache &cache);

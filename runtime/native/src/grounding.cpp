@@ -37,19 +37,21 @@ public:
         code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(),
                               PCRE2_UTF | PCRE2_UCP | options, &code, &offset, nullptr);
         if (!code_) throw Error(ErrorKind::Internal, "grounding regex does not compile: " + pattern);
-        match_ = pcre2_match_data_create_from_pattern(code_, nullptr);
     }
-    ~Pattern() { pcre2_match_data_free(match_); pcre2_code_free(code_); }
+    ~Pattern() { pcre2_code_free(code_); }
     Pattern(const Pattern &) = delete;
 
     // Finds the next match at or after `start`; groups[i] = (begin, end), begin = npos when unset.
     bool search(const std::string &text, size_t start, std::vector<std::pair<size_t, size_t>> &groups) const {
         if (start > text.size()) return false;
-        int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), start, PCRE2_NO_UTF_CHECK,
-                             match_, nullptr);
+        // Match data per call: the patterns are shared by every engine, in any thread.
+        std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data *)> match(
+            pcre2_match_data_create_from_pattern(code_, nullptr), pcre2_match_data_free);
+        if (!match) throw std::bad_alloc();
+        int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), start, 0, match.get(), nullptr);
         if (rc < 0) return false;
-        PCRE2_SIZE *ovector = pcre2_get_ovector_pointer(match_);
-        uint32_t count = pcre2_get_ovector_count(match_);
+        PCRE2_SIZE *ovector = pcre2_get_ovector_pointer(match.get());
+        uint32_t count = pcre2_get_ovector_count(match.get());
         groups.assign(count, {std::string::npos, std::string::npos});
         for (uint32_t i = 0; i < count; i++)
             if (ovector[2 * i] != PCRE2_UNSET) groups[i] = {ovector[2 * i], ovector[2 * i + 1]};
@@ -71,7 +73,6 @@ public:
 
 private:
     pcre2_code *code_ = nullptr;
-    pcre2_match_data *match_ = nullptr;
 };
 
 using Groups = std::vector<std::pair<size_t, size_t>>;
@@ -257,6 +258,22 @@ std::string strip(const std::string &s) {
 }
 
 }  // namespace
+
+std::string forced_continuation(const std::string &text, const std::string &family, const std::string &mode) {
+    if (mode == "raw" || (mode == "cot" && text.find("<answer>") == std::string::npos)) return "";
+    // (what the generated text ends with, what must follow), as the formatter writes each family's boxes.
+    static const Pattern object_ref_end("<\\|object_ref_end\\|>$"), first_corner("<\\|box_start\\|>\\(\\d+,\\d+\\)$"),
+        both_corners("<\\|box_start\\|>\\(\\d+,\\d+\\),\\(\\d+,\\d+\\)$"), open_object("\\{\"$"),
+        bbox("\"bbox_2d\": \\[\\d+, \\d+, \\d+, \\d+\\]$");
+    static const std::vector<std::pair<const Pattern *, std::string>> qwen2 = {
+        {&object_ref_end, "<|box_start|>("}, {&first_corner, ",("}, {&both_corners, "<|box_end|>"}};
+    static const std::vector<std::pair<const Pattern *, std::string>> qwen2_5 = {
+        {&open_object, "bbox_2d\": ["}, {&bbox, ", \"label\": \""}};
+    Groups groups;
+    for (const auto &[ending, forced] : family == "qwen2_vl" ? qwen2 : qwen2_5)
+        if (ending->search(text, 0, groups)) return forced;
+    return "";
+}
 
 bool is_mode(const std::string &mode) { return mode == "direct" || mode == "cot" || mode == "raw"; }
 bool is_family(const std::string &family) { return family == "qwen2_vl" || family == "qwen2_5_vl"; }

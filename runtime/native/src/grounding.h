@@ -24,4 +24,8 @@ std::string build_instruction(const std::string &query, const std::string &famil
 // Boxes in a whole completion, mapped to original pixels and clamped (parse_answer).
 std::vector<Box> parse_answer(const std::string &text, const std::string &family, const std::vector<ImageGeometry> &geometries);
 
+// The text the family's box syntax forces after `text` (what has been generated so far), or "": only
+// inside an answer (in cot mode after <answer>), never in raw mode (forced_continuation in Python).
+std::string forced_continuation(const std::string &text, const std::string &family, const std::string &mode);
+
 }  // namespace gemvg

@@ -76,6 +76,8 @@ std::string utf8_lossy(const std::string &bytes) {
 
 }  // namespace
 
+bool is_valid_utf8(const std::string &text) { return utf8_lossy(text) == text; }
+
 Tokenizer::Tokenizer(const std::string &path) {
     json data;
     std::string pattern;  // the pre-tokenizer's splitting regex ("" = none)

@@ -11,6 +11,9 @@
 
 namespace gemvg {
 
+// Whether `text` is well-formed UTF-8.
+bool is_valid_utf8(const std::string &text);
+
 class Tokenizer {
 public:
     explicit Tokenizer(const std::string &path);  // throws Error(Bundle)

@@ -4,6 +4,7 @@
 //   native-check parse                     stdin: JSON list of {text, family, geometries: [[w, h, rw, rh]]}
 //                                          -> stdout: JSON list of box lists [image, x1, y1, x2, y2, label]
 //   native-check vision BUNDLE IMAGE       -> stdout: JSON of the vision encoder's feeds
+//   native-check forced BUNDLE MODE        stdin: JSON list of generated id lists -> the ids jump-forward feeds
 //   native-check prompt BUNDLE MODE QUERY IMAGE...  -> stdout: JSON of the prompt's ids, positions, spans
 //                                          and the decoder's rotary rows for them
 #include <iostream>
@@ -54,6 +55,11 @@ int main(int argc, char **argv) {
             for (float b : feeds.window_bias) bias.push_back(b < 0);
             out["window_masked"] = bias;
             std::cout << out.dump() << "\n";
+        } else if (command == "forced" && argc == 4) {
+            gemvg::Engine engine(argv[2], "cpu", 1);
+            json out = json::array();
+            for (const json &ids : json::parse(std::cin)) out.push_back(engine.forced_tokens(ids.get<std::vector<int32_t>>(), argv[3]));
+            std::cout << out.dump() << "\n";
         } else if (command == "prompt" && argc >= 6) {
             gemvg::Manifest manifest = gemvg::load_manifest(argv[2], false);
             gemvg::Tokenizer tokenizer(std::string(argv[2]) + "/" + manifest.tokenizer.path);
@@ -74,7 +80,7 @@ int main(int argc, char **argv) {
                              .dump()
                       << "\n";
         } else {
-            std::cerr << "usage: native-check tokenize|decode TOKENIZER_JSON | parse | vision BUNDLE IMAGE | prompt BUNDLE MODE QUERY IMAGE...\n";
+            std::cerr << "usage: native-check tokenize|decode TOKENIZER_JSON | parse | vision BUNDLE IMAGE | forced BUNDLE MODE | prompt BUNDLE MODE QUERY IMAGE...\n";
             return 2;
         }
     } catch (const std::exception &err) {

@@ -1,7 +1,7 @@
 /* gemvg-ground: the native `gemvg ground`, written in plain C99 against gemvg.h alone.
  *
  *   gemvg-ground --bundle B --image a.jpg [--image b.jpg ...] --query "the red cup"
- *                [--mode direct|cot|raw] [--max-new-tokens N] [--device cpu] [--threads N] [--json]
+ *                [--mode direct|cot|raw] [--max-new-tokens N] [--jump-forward] [--device cpu] [--threads N] [--json]
  *
  * Bad input: one line on stderr and exit code 2. */
 #include <stdio.h>
@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     const char *bundle = NULL, *query = NULL, *mode = "direct", *device = "cpu";
     const char *images[MAX_IMAGES];
     size_t n_images = 0;
-    int max_new_tokens = 256, threads = 0, as_json = 0, i;
+    int max_new_tokens = 256, threads = 0, as_json = 0, jump_forward = 0, i;
     gemvg_engine *engine;
     gemvg_result *result;
 
@@ -39,9 +39,10 @@ int main(int argc, char **argv) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(flag, "--json") == 0) { as_json = 1; continue; }
+        if (strcmp(flag, "--jump-forward") == 0) { jump_forward = 1; continue; }
         if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) {
             printf("usage: gemvg-ground --bundle B --image IMG [--image IMG ...] --query Q [--mode direct|cot|raw]\n"
-                   "                    [--max-new-tokens N] [--device cpu] [--threads N] [--json]\n");
+                   "                    [--max-new-tokens N] [--jump-forward] [--device cpu] [--threads N] [--json]\n");
             return 0;
         }
         if (!value) return usage_error("missing value after ", flag);
@@ -69,6 +70,7 @@ int main(int argc, char **argv) {
 
     engine = gemvg_engine_load(bundle, device, threads);
     if (!engine) return usage_error(gemvg_last_error(), NULL);
+    gemvg_engine_set_jump_forward(engine, jump_forward);
     result = gemvg_ground_files(engine, images, n_images, query, mode, max_new_tokens);
     if (!result) {
         int code = usage_error(gemvg_last_error(), NULL);
