@@ -497,3 +497,39 @@ def test_bad_images_and_requests_give_null_and_one_line(native, native_build, ti
                          "--device", "cuda"), "not available")
     assert_cli_error(cli(native_build, "--bundle", tiny_bundle, "--image", image_files["rgb.jpg"], "--query"),
                      "missing value")
+
+
+def test_engines_in_threads_and_thread_local_errors(native, tiny_bundles, image_files):
+    """One engine per thread, concurrently (ctypes releases the GIL): the same answers as one after the
+    other; a failure in one thread leaves its message there and none in the other."""
+    import threading
+
+    paths = [image_files["rgb.jpg"], image_files["gray.png"]]
+    engines = [native.load(tiny_bundles[family]) for family in FAMILIES]
+    try:
+        alone = [native.ground_files(engine, paths, "the cup", "direct", 16)["token_ids"] for engine in engines]
+        for engine in engines:
+            native.lib.gemvg_engine_reset.argtypes = [ctypes.c_void_p]
+            native.lib.gemvg_engine_reset(engine)
+        results, errors = {}, {}
+
+        def work(index: int) -> None:
+            for _ in range(3):
+                results.setdefault(index, []).append(
+                    native.ground_files(engines[index], paths, "the cup", "direct", 16)["token_ids"])
+                native.lib.gemvg_engine_reset(engines[index])
+            if index == 1:
+                with pytest.raises(NativeError):
+                    native.ground_files(engines[index], paths, "the cup", "sideways", 4)
+            errors[index] = native.error()
+
+        threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == {0: [alone[0]] * 3, 1: [alone[1]] * 3}
+        assert errors[0] == "" and "unknown mode" in errors[1]
+    finally:
+        for engine in engines:
+            native.lib.gemvg_engine_free(engine)
