@@ -533,3 +533,21 @@ def test_engines_in_threads_and_thread_local_errors(native, tiny_bundles, image_
     finally:
         for engine in engines:
             native.lib.gemvg_engine_free(engine)
+
+
+def test_native_graph_names_are_the_bundle_io_names():
+    """The native runtime spells the bundle's graph I/O names as runtime/bundle_io.py defines them."""
+    import re
+
+    from gemvg.runtime import bundle_io
+
+    source = (REPO / "runtime" / "native" / "src" / "engine.cpp").read_text()
+    constants = dict(re.findall(r'const char \*(\w+) = "([^"]+)";', source))
+    shared = [name for name in constants if hasattr(bundle_io, name)]
+    assert len(shared) >= 10, constants
+    assert {name: constants[name] for name in shared} == {name: getattr(bundle_io, name) for name in shared}
+    assert constants["ROTARY_COS"] == bundle_io.DECODER_ROTARY_COS == bundle_io.VISION_ROTARY_COS
+    assert constants["ROTARY_SIN"] == bundle_io.DECODER_ROTARY_SIN == bundle_io.VISION_ROTARY_SIN
+    for helper in ("past_key", "past_value", "present_key", "present_value"):
+        prefix = re.search(rf'std::string {helper}\(int layer\) {{ return "(\w+)" \+ std::to_string\(layer\); }}', source)
+        assert prefix and prefix.group(1) + "7" == getattr(bundle_io, helper)(7), helper

@@ -27,6 +27,12 @@ constexpr size_t FORCING_CONTEXT = 32;
 
 // The bundle's graph I/O names (runtime/bundle_io.py; BUNDLE.md).
 const char *EMBED_INPUT_IDS = "input_ids";
+const char *EMBED_OUTPUT = "inputs_embeds";
+const char *VISION_PIXEL_VALUES = "pixel_values";
+const char *VISION_WINDOW_GATHER = "window_gather";
+const char *VISION_WINDOW_BIAS = "window_bias";
+const char *VISION_WINDOW_SCATTER = "window_scatter";
+const char *VISION_OUTPUT = "image_features";
 const char *DECODER_INPUTS_EMBEDS = "inputs_embeds";
 const char *DECODER_CACHE_POSITIONS = "cache_positions";
 const char *DECODER_SEQLENS_K = "seqlens_k";
@@ -304,7 +310,7 @@ void MRopeAngles::fill(const int64_t *positions, size_t stride, size_t count, fl
     size_t half = inv_freq_.size();
     for (size_t i = 0; i < count; i++)
         for (size_t j = 0; j < half; j++) {
-            volatile float angle = float(positions[size_t(axis_[j]) * stride + i]) * inv_freq_[j];
+            float angle = float(positions[size_t(axis_[j]) * stride + i]) * inv_freq_[j];
             cos_rows[i * half + j] = rounded_cos(angle);
             sin_rows[i * half + j] = rounded_sin(angle);
         }
@@ -363,23 +369,23 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
     std::vector<Ort::Value> values;
     std::vector<const char *> names;
     for (const std::string &name : vision_inputs_) {
-        if (name == "pixel_values")
+        if (name == VISION_PIXEL_VALUES)
             values.push_back(tensor(feeds.pixel_values.data(), feeds.pixel_values.size(), {patches, int64_t(image.patch_dim)}));
         else if (name == ROTARY_COS)
             values.push_back(tensor(feeds.rotary_cos.data(), feeds.rotary_cos.size(), {patches, head_dim}));
         else if (name == ROTARY_SIN)
             values.push_back(tensor(feeds.rotary_sin.data(), feeds.rotary_sin.size(), {patches, head_dim}));
-        else if (name == "window_gather" && !feeds.window_gather.empty())
+        else if (name == VISION_WINDOW_GATHER && !feeds.window_gather.empty())
             values.push_back(tensor(feeds.window_gather.data(), feeds.window_gather.size(), {feeds.windows, feeds.longest}));
-        else if (name == "window_bias" && !feeds.window_bias.empty())
+        else if (name == VISION_WINDOW_BIAS && !feeds.window_bias.empty())
             values.push_back(tensor(feeds.window_bias.data(), feeds.window_bias.size(), {feeds.windows, 1, 1, feeds.longest}));
-        else if (name == "window_scatter" && !feeds.window_scatter.empty())
+        else if (name == VISION_WINDOW_SCATTER && !feeds.window_scatter.empty())
             values.push_back(tensor(feeds.window_scatter.data(), feeds.window_scatter.size(), {patches}));
         else
             bundle_error(bundle_dir_ + ": the vision graph takes " + name + ", which this gemvg does not feed; re-export the bundle");
         names.push_back(name.c_str());
     }
-    const char *output = "image_features";
+    const char *output = VISION_OUTPUT;
     auto clock = std::chrono::steady_clock::now();
     auto outputs = vision_->Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), &output, 1);
     session_ms_ += elapsed_ms(clock);
@@ -398,7 +404,7 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
 
 std::vector<float> Engine::embed(const int64_t *ids, size_t count) {
     Ort::Value input = tensor(const_cast<int64_t *>(ids), count, {1, int64_t(count)});
-    const char *output = "inputs_embeds";
+    const char *output = EMBED_OUTPUT;
     auto clock = std::chrono::steady_clock::now();
     auto outputs = embed_->Run(Ort::RunOptions{nullptr}, &EMBED_INPUT_IDS, &input, 1, &output, 1);
     session_ms_ += elapsed_ms(clock);

@@ -388,8 +388,8 @@ PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &c
     for (int c = 0; c < 3; c++) {
         float mean = float(config.image_mean[c]), std = float(config.image_std[c]);
         for (int v = 0; v < 256; v++) {
-            volatile float scaled = float(double(v) * config.rescale_factor);
-            volatile float centred = scaled - mean;
+            float scaled = float(double(v) * config.rescale_factor);
+            float centred = scaled - mean;
             table[c][v] = centred / std;
         }
     }
@@ -422,7 +422,7 @@ PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &c
 std::vector<float> inverse_frequencies(double theta, int dim) {
     std::vector<float> inv_freq;
     for (int j = 0; j < dim / 2; j++) {
-        volatile float exponent = float(2 * j) / float(dim);
+        float exponent = float(2 * j) / float(dim);
         float power = float(std::pow(double(float(theta)), double(exponent)));
         inv_freq.push_back(1.0f / power);
     }
@@ -447,7 +447,7 @@ VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config)
                         float position[2] = {float(bh * m + mh), float(bw * m + mw)};
                         for (int axis = 0; axis < 2; axis++)
                             for (int j = 0; j < half; j++) {
-                                volatile float angle = position[axis] * inv_freq[size_t(j)];
+                                float angle = position[axis] * inv_freq[size_t(j)];
                                 float c = rounded_cos(angle), s = rounded_sin(angle);
                                 size_t at = row * head_dim + size_t(axis) * half + j;
                                 feeds.rotary_cos[at] = feeds.rotary_cos[at + spatial] = c;
