@@ -421,10 +421,11 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         holder = [visual]
         del visual
         vision_check = check_vision(out / "vision.onnx", preprocess, vision, holder[0],
-                                    release=lambda: (holder.clear(), gc.collect()))
+                                    release=lambda: (holder.clear(), gc.collect(), trim_heap()))
     else:
         del visual  # the vision tower is the largest thing the export holds: gone before the decoder
     gc.collect()
+    trim_heap()
     started = time.perf_counter()
     progress("writing token embedding (2/3)")
     embed_names = build_embedding(tensors, out / "embed.onnx")
@@ -468,6 +469,19 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     progress(f"{precision} bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB, "
              f"peak RSS {peak_rss_gb():.1f} GB)")
     return manifest
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system. The vision tower's tensors (up to 26 MB each) come from
+    malloc's heap once its mmap threshold has risen, and freeing them would otherwise leave 2.4 GB
+    resident under the ONNX session that checks the exported tower (measured at Qwen2-VL-2B/7B)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; elsewhere nothing to do
+        libc.malloc_trim(0)
 
 
 def peak_rss_gb() -> float:
