@@ -21,7 +21,9 @@ using json = nlohmann::json;
 namespace {
 
 constexpr int MANIFEST_SCHEMA_VERSION = 2;
+// The feature cache's bounds, as the Python engine's (runtime/caches.py): entries and bytes.
 constexpr size_t FEATURE_CACHE_CAPACITY = 32;
+constexpr size_t FEATURE_CACHE_BYTES = size_t(256) << 20;
 // Tokens of generated text re-tokenized with the forced text (the longest forced ending is under 20 tokens).
 constexpr size_t FORCING_CONTEXT = 32;
 
@@ -297,6 +299,7 @@ Engine::~Engine() = default;
 
 void Engine::reset() {
     features_.clear();
+    feature_bytes_ = 0;
     last_prefix_.reset();
 }
 
@@ -397,8 +400,14 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
         size_t source = feeds.restore_order.empty() ? i : size_t(feeds.restore_order[i]);
         std::memcpy(&features[i * hidden], merged + source * hidden, hidden * sizeof(float));
     }
+    size_t bytes = features.size() * sizeof(float);
+    if (bytes > FEATURE_CACHE_BYTES) return features;  // keeping it would only evict everything else
     features_.emplace_front(image.key, features);
-    if (features_.size() > FEATURE_CACHE_CAPACITY) features_.pop_back();
+    feature_bytes_ += bytes;
+    while (features_.size() > FEATURE_CACHE_CAPACITY || feature_bytes_ > FEATURE_CACHE_BYTES) {
+        feature_bytes_ -= features_.back().second.size() * sizeof(float);
+        features_.pop_back();
+    }
     return features;
 }
 

@@ -119,8 +119,10 @@ private:
     std::unique_ptr<MRopeAngles> rotary_;
     std::vector<float> logits_;
     double session_ms_ = 0;  // time inside ONNX Runtime's Run during the current request
-    // Bounded LRU of vision features keyed by image content (a follow-up on the same frames skips vision).
+    // LRU of vision features keyed by image content, bounded in entries and bytes (a follow-up on the
+    // same frames skips vision).
     std::list<std::pair<std::string, std::vector<float>>> features_;
+    size_t feature_bytes_ = 0;
     std::unique_ptr<PrefixState> last_prefix_;
 };
 
