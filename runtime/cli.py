@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ground.add_argument("--json", action="store_true", help="print the result as JSON")
     ground.add_argument("--draw", metavar="OUT.png", help="write the images tiled with their boxes")
 
-    inspect = commands.add_parser("inspect", help="dump every stage (pixels, vision feeds and features, ids, positions, rotary rows, logits) as golden vectors")
+    inspect = commands.add_parser("inspect", help="dump every stage (pixels, vision feeds and features, ids, "
+                                  "positions, rotary rows, logits) as golden vectors")
     _add_request_args(inspect)
     inspect.add_argument("--out", required=True, help="the .npz file to write")
 
