@@ -86,3 +86,21 @@ def test_images_carry_the_position_tint():
             right, bottom = IMAGE_SIDE - 1, IMAGE_SIDE - 1  # shapes keep 2 px off the border: corners are background
             assert pixels[right, 0][0] > pixels[0, 0][0] and pixels[0, 0][1] == pixels[right, 0][1]
             assert pixels[0, bottom][2] > pixels[0, 0][2]
+
+
+def test_freeze_keeps_matching_parameters_fixed(tmp_path):
+    from gemvg.export.checkpoints import make_checkpoint
+    from gemvg.train.checkpoint import CheckpointError, freeze_parameters, load_model
+    from gemvg.train.config import load_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text('freeze: ["visual\\\\."]\n')
+    patterns = load_config(config_file).freeze
+    model = load_model(make_checkpoint(tmp_path / "ckpt", "qwen2_vl", "tiny"))
+    frozen = freeze_parameters(model, patterns)
+    visual = {n: p for n, p in model.named_parameters() if "visual." in n}
+    assert visual and frozen == sum(p.numel() for p in visual.values())
+    assert all(not p.requires_grad for p in visual.values())
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in visual)
+    with pytest.raises(CheckpointError):
+        freeze_parameters(model, ["no_such_parameter"])

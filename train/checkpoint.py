@@ -120,6 +120,21 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
     return model_cls.from_pretrained(model_dir, dtype=torch_dtype)
 
 
+def freeze_parameters(model, patterns: list[str]) -> int:
+    """Keep the parameters whose names match any of `patterns` (regex, searched) as loaded; returns how many."""
+    import re
+
+    compiled = [re.compile(pattern) for pattern in patterns]
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if any(pattern.search(name) for pattern in compiled):
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    if patterns and not frozen:
+        raise CheckpointError(f"freeze: no parameter matches {patterns}")
+    return frozen
+
+
 def copy_companion_files(base_dir: str | Path, out_dir: str | Path) -> None:
     """Tokenizer, chat template, preprocessor and generation config of the base, verbatim.
 

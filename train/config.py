@@ -6,6 +6,7 @@
     lora: {enabled: true, r: 16, alpha: 32, dropout: 0.05, target_modules: ...}
     hybrid: {cot_ratio: 0.5, task_modes: {counting: cot, referential_retrieval: direct}}
     rewards: {format: 1.0, accuracy: 1.0}   # GRPO reward weights; 0 drops a reward
+    freeze: ["^model\\.visual\\."]        # parameters (regex on their names) kept as loaded
 
 Command-line flags (--max-steps, --lora, --seed) override the file.
 """
@@ -19,7 +20,7 @@ from .schema import DataError
 
 # Only the language model's projections: the vision tower of Qwen2.5-VL uses the same MLP names.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-TOP_LEVEL_KEYS = {"seed", "model_dtype", "trainer", "lora", "hybrid", "rewards"}
+TOP_LEVEL_KEYS = {"seed", "model_dtype", "trainer", "lora", "hybrid", "rewards", "freeze"}
 
 
 class ConfigError(DataError):
@@ -51,6 +52,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     hybrid: dict = field(default_factory=dict)
     rewards: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
+    freeze: list[str] = field(default_factory=list)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
@@ -83,4 +85,5 @@ def load_config(path: str | Path | None) -> RunConfig:
         lora=lora_settings,
         hybrid=dict(data.get("hybrid") or {}),
         rewards=dict(rewards) if rewards is not None else {"format": 1.0, "accuracy": 1.0},
+        freeze=[str(pattern) for pattern in data.get("freeze") or []],
     )

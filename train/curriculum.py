@@ -31,10 +31,10 @@ from PIL import Image
 from gemvg.runtime.grounding import Box
 
 from .schema import Sample
-from .synth import COLORS, SHAPES, Scene, SynthSample, _a, _Retry, _place, write_dataset
+from .synth import COLORS, SHAPES, Scene, SynthSample, Thing, _a, _Retry, _place, write_dataset
 
 IMAGE_SIDE = 112  # 8x8 patches of 14 px, 16 vision tokens after the 2x2 merge
-POSITION_TINT = 48  # levels of red (left to right) and blue (top to bottom) added across an image
+POSITION_TINT = 100  # levels of red (left to right) and blue (top to bottom) added across an image
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,11 @@ class Stage:
     images: tuple[int, int]  # how many images, inclusive range
     others: tuple[int, int]  # shapes besides the target per image, inclusive range
     size: tuple[float, float]  # side of a shape as a fraction of the image side
+    quadrants: bool = False  # the target fills one quadrant: four possible boxes, the easiest place to start
 
 
 STAGES = {
+    "quadrant": Stage("quadrant", (1, 1), (0, 0), (0.45, 0.45), quadrants=True),
     "single": Stage("single", (1, 1), (0, 0), (0.35, 0.6)),
     "distractors": Stage("distractors", (1, 1), (1, 2), (0.28, 0.42)),
     "multi": Stage("multi", (2, 3), (1, 2), (0.28, 0.42)),
@@ -78,7 +80,12 @@ def make_stage_sample(stage: Stage, index: int, seed: int = 0) -> SynthSample:
         home = rng.randrange(len(scenes))
         other_colors = [c for c in COLORS if c != color]
         try:
-            target = _place(rng, scenes[home], kind, color, size=rng.uniform(*stage.size))
+            if stage.quadrants:
+                side, (x1, y1) = round(IMAGE_SIDE * stage.size[0]), rng.choice([(4, 4), (4, 58), (58, 4), (58, 58)])
+                target = Thing(kind, color, (x1, y1, x1 + side, y1 + side))
+                scenes[home].things.append(target)
+            else:
+                target = _place(rng, scenes[home], kind, color, size=rng.uniform(*stage.size))
             for scene in scenes:
                 for _ in range(rng.randint(*stage.others)):
                     _place(rng, scene, rng.choice(SHAPES), rng.choice(other_colors), size=rng.uniform(*stage.size))

@@ -39,13 +39,15 @@ def run_grpo(model_dir: str | Path, data_path: str | Path, output_dir: str | Pat
     funcs, weights = reward_setup(config.rewards)
     from trl import GRPOConfig, GRPOTrainer
 
-    from .checkpoint import load_model, load_processor
+    from .checkpoint import freeze_parameters, load_model, load_processor
 
     args = trainer_args(GRPOConfig, output_dir, config, max_steps, {**GRPO_DEFAULTS, "reward_weights": weights})
     dataset = dataset_for(inputs, with_completion=False)
     print(describe_run("grpo", model_dir, data_path, inputs, dataset, config), flush=True)
+    model = load_model(model_dir, config.model_dtype)
+    freeze_parameters(model, config.freeze)
     trainer = GRPOTrainer(
-        model=load_model(model_dir, config.model_dtype),
+        model=model,
         reward_funcs=funcs,
         args=args,
         train_dataset=dataset,

@@ -27,13 +27,15 @@ def run_sft(model_dir: str | Path, data_path: str | Path, output_dir: str | Path
     inputs = inputs or check_inputs(model_dir, data_path, config)
     from trl import SFTConfig, SFTTrainer
 
-    from .checkpoint import load_model, load_processor
+    from .checkpoint import freeze_parameters, load_model, load_processor
 
     args = trainer_args(SFTConfig, output_dir, config, max_steps, SFT_DEFAULTS)
     dataset = dataset_for(inputs, with_completion=True)
     print(describe_run("sft", model_dir, data_path, inputs, dataset, config), flush=True)
+    model = load_model(model_dir, config.model_dtype)
+    freeze_parameters(model, config.freeze)
     trainer = SFTTrainer(
-        model=load_model(model_dir, config.model_dtype),
+        model=model,
         args=args,
         train_dataset=dataset,
         processing_class=load_processor(model_dir),
