@@ -144,11 +144,24 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def resize_bicubic(image: Image.Image, width: int, height: int) -> Image.Image:
+    """PIL's bicubic resize, its two passes made explicit so that the pixels do not depend on the Pillow
+    version: the passes go through an 8-bit image, so their order matters, and Pillow 13 changed it (the
+    vertical pass first when the height shrinks by over twice as many pixels as the width). That order is
+    the bundle's contract (BUNDLE.md), which the native runtime follows too; one-axis resizes are the same
+    in every Pillow, and with Pillow 13 this equals its one-call resize."""
+    old_width, old_height = image.size
+    if width != old_width and height != old_height:
+        vertical_first = height < old_height and old_height - height > 2 * (old_width - width)
+        image = image.resize((old_width, height) if vertical_first else (width, old_height), Image.Resampling.BICUBIC)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
 def preprocess_image(image: Image.Image, config: PreprocessConfig) -> PreparedImage:
     """Resize, rescale, normalise and patchify one RGB image exactly as Qwen2VLImageProcessor does."""
     width, height = image.size
     resized_h, resized_w = smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
-    resized = np.asarray(image.resize((resized_w, resized_h), resample=Image.Resampling.BICUBIC))
+    resized = np.asarray(resize_bicubic(image, resized_w, resized_h))
     pixels = (resized.astype(np.float64) * config.rescale_factor).astype(np.float32)
     pixels = (pixels - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
 
