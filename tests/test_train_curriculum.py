@@ -77,15 +77,22 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
     assert (final / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_images_carry_the_position_tint():
+def test_backgrounds_carry_the_position_tint_and_shapes_keep_their_colours():
     from gemvg.train.curriculum import make_stage_sample
+    from gemvg.train.synth import COLORS
 
-    for index in range(5):
-        for image in make_stage_sample(STAGES["multi"], index, seed=4).images:
+    for index in range(12):
+        made = make_stage_sample(STAGES["multi"], index, seed=4)
+        for image in made.images:
             pixels = image.load()
             right, bottom = IMAGE_SIDE - 1, IMAGE_SIDE - 1  # shapes keep 2 px off the border: corners are background
             assert pixels[right, 0][0] > pixels[0, 0][0] and pixels[0, 0][1] == pixels[right, 0][1]
             assert pixels[0, bottom][2] > pixels[0, 0][2]
+        target = made.sample.targets[0]
+        if target.label.endswith("ring"):  # the only shape with a hole in its middle
+            continue
+        centre = made.images[target.image].getpixel((round((target.x1 + target.x2) / 2), round((target.y1 + target.y2) / 2)))
+        assert centre == COLORS[target.label.split()[0]]
 
 
 def test_freeze_keeps_matching_parameters_fixed(tmp_path):

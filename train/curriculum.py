@@ -11,30 +11,32 @@ time on small, plain images (one fixed side, so every image is the same few visi
 Within a sample every shape other than the target has another colour than the target, so the
 query's colour alone identifies it. Deterministic by seed, like `synth`.
 
-Every image carries a faint position tint: red rises by POSITION_TINT levels from left to right and
-blue from top to bottom, shapes included. Qwen2-VL's vision tower has no absolute position embedding
-(2-D rotary only, which moves no position into the values), so a model trained from scratch has to
-discover where a patch lies; on plain scenes our model answered one mean box for every image after
-the first stage (train/README.md). The tint puts each patch's position into its pixels.
+The background carries a position tint: red rises by POSITION_TINT levels from left to right and
+blue from top to bottom; shapes keep their colours. Qwen2-VL's vision tower has no absolute position
+embedding (2-D rotary only, which moves no position into the values), so a model trained from
+scratch has to discover where a patch lies. The tint puts each background patch's position into its
+pixels, and since a shape covers part of the tinted background, even the plain average of an
+image's tokens depends on where the shape is (a tint on the shapes too would average out).
+Measured: neither helped within the steps we could run (train/README.md).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from gemvg.runtime.grounding import Box
 
 from .schema import Sample
-from .synth import COLORS, SHAPES, Scene, SynthSample, Thing, _a, _Retry, _place, write_dataset
+from .synth import COLORS, SHAPES, Scene, SynthSample, Thing, _a, _draw_shape, _Retry, _place, write_dataset
 
 IMAGE_SIDE = 112  # 8x8 patches of 14 px, 16 vision tokens after the 2x2 merge
-POSITION_TINT = 100  # levels of red (left to right) and blue (top to bottom) added across an image
+POSITION_TINT = 100  # levels of red (left to right) and blue (top to bottom) across an image's background
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ def position_tinted(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def render_tinted(scene: Scene) -> Image.Image:
+    """The scene with the position tint on its background only; shapes keep their colours."""
+    image = position_tinted(replace(scene, things=[], marked=None).render())
+    draw = ImageDraw.Draw(image)
+    for thing in scene.things:
+        _draw_shape(draw, thing.kind, thing.box, COLORS[thing.color])
+    return image
+
+
 def make_stage_sample(stage: Stage, index: int, seed: int = 0) -> SynthSample:
     """Sample `index` of `stage`'s stream for `seed`."""
     for attempt in range(100):
@@ -97,7 +108,7 @@ def make_stage_sample(stage: Stage, index: int, seed: int = 0) -> SynthSample:
         sample = Sample(images=names, query=query, targets=[Box(home, *map(float, target.box), target.name)],
                         task=f"curriculum_{stage.name}", reasoning=f"{listing} The {target.name} is in image {home + 1}.",
                         image_sizes=[(s.width, s.height) for s in scenes], source=f"curriculum:{stage.name}:{seed}:{index}")
-        return SynthSample(sample, [position_tinted(scene.render()) for scene in scenes])
+        return SynthSample(sample, [render_tinted(scene) for scene in scenes])
     raise RuntimeError(f"curriculum: no layout fits for sample {index} of stage {stage.name}")
 
 
