@@ -106,3 +106,32 @@ def test_feature_cache_is_bounded_in_bytes_and_entries():
     for index in range(4):
         small.put(str(index), np.zeros(1, np.float32))
     assert list(small.entries) == ["2", "3"]
+
+
+def test_a_stored_prefix_goes_to_one_request_at_a_time(tiny_bundle, image_files):
+    engine = Engine.load(tiny_bundle, threads=1)
+    images = [image_files["rgb.jpg"]]
+    engine.ground(images, "first", mode="raw", max_new_tokens=3)
+    inputs = engine.prepare(images, "second", "raw")
+    capacity = len(inputs.prompt.input_ids) + 3
+    taken = engine.cache_for(inputs, capacity)
+    assert taken.length > 0  # the first request's prefix, reused
+    assert engine.cache_for(inputs, capacity).length == 0  # meanwhile another request gets a cache of its own
+    assert engine.cache_for(inputs, capacity) is not taken
+
+
+def test_a_failed_request_leaves_no_half_written_prefix(tiny_bundle, image_files, monkeypatch):
+    engine = Engine.load(tiny_bundle, threads=1)
+    images = [image_files["rgb.jpg"]]
+    engine.ground(images, "first", mode="raw", max_new_tokens=3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoding failed")
+
+    monkeypatch.setattr(engine, "generate", broken)
+    with pytest.raises(RuntimeError):
+        engine.ground(images, "second", mode="raw", max_new_tokens=3)  # took the prefix and overwrote its tail
+    monkeypatch.undo()
+    again = engine.ground(images, "second", mode="raw", max_new_tokens=3)
+    assert again.reused_prefix_tokens == 0
+    assert again.token_ids == Engine.load(tiny_bundle).ground(images, "second", mode="raw", max_new_tokens=3).token_ids
