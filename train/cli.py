@@ -6,7 +6,6 @@
     gemvg-train grpo --model CKPT --data data.jsonl --output DIR [--max-steps N] [--config YAML] [--lora]
     gemvg-train curriculum --stage single|distractors|multi --out DIR --num-samples N --seed S
     gemvg-train recipe --out DIR [--scale F]          # the demo model: base, curriculum SFT, GRPO, held-out scores
-    gemvg-train ship-demo --model DIR [--dest DIR]     # the trained model + a held-out scene into the demo data
     gemvg-train eval (--model CKPT | --bundle DIR) --data data.jsonl [--mode raw|direct] [--limit N] [--out J]
 
 Bad input (missing files, bad config, data that is not a sample) is one line on stderr and exit 2.
@@ -49,10 +48,6 @@ def _parser() -> argparse.ArgumentParser:
     recipe = commands.add_parser("recipe", help="train the demo model from scratch (resumable)")
     recipe.add_argument("--out", required=True, type=Path)
     recipe.add_argument("--scale", type=float, default=1.0, help="multiplies every step and sample count")
-
-    ship = commands.add_parser("ship-demo", help="write a trained model and a scene it answers into the demo data")
-    ship.add_argument("--model", required=True, type=Path, help="the recipe's final model (e.g. runs/demo/grpo)")
-    ship.add_argument("--dest", type=Path, help="default: gemvg/runtime/demo_data (package data)")
 
     evaluation = commands.add_parser("eval", help="held-out Acc@0.5 and mean IoU of a checkpoint or bundle")
     which = evaluation.add_mutually_exclusive_group(required=True)
@@ -144,13 +139,6 @@ def _main(argv: list[str] | None) -> int:
         if args.scale <= 0:
             raise DataError("--scale must be above 0")
         print(f"gemvg-train recipe: final model in {run_recipe(args.out, args.scale)}")
-        return 0
-    if args.command == "ship-demo":
-        from .checkpoint import checkpoint_family
-        from .recipe import ship_demo
-
-        checkpoint_family(args.model)
-        print(f"gemvg-train ship-demo: wrote {ship_demo(args.model, args.dest)}")
         return 0
     if args.command == "eval":
         return _evaluate(args)

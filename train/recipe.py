@@ -28,9 +28,9 @@ class StagePlan:
 
 # Sized for about an hour of two shared CPU cores (see train/README.md for the measured wall time).
 SFT_PLAN = (
-    StagePlan("single", 4000, 250),
-    StagePlan("distractors", 4000, 150),
-    StagePlan("multi", 16000, 500),
+    StagePlan("single", 8000, 1200),
+    StagePlan("distractors", 8000, 600),
+    StagePlan("multi", 16000, 2000),
 )
 GRPO_PLAN = StagePlan("multi", 16000, 30)
 HELD_OUT_SAMPLES = 200
@@ -100,58 +100,3 @@ def run_recipe(out: str | Path, scale: float = 1.0) -> Path:
     print(f"[recipe] done: {grpo_dir}", file=sys.stderr, flush=True)
     return grpo_dir
 
-
-def ship_demo(model_dir: str | Path, dest: str | Path | None = None, scene_seed: int = 2000,
-              max_tries: int = 20) -> Path:
-    """Write the demo data that ships in gemvg.runtime: `model_dir` in fp16, a scene and its request.
-
-    The scene is a `multi` sample of `scene_seed` (never trained on): the first one the model answers
-    right with Acc@0.5, and demo.json says which one it is and how many were passed over.
-    """
-    import hashlib
-    import shutil
-
-    import torch
-
-    from gemvg.runtime.demo import DEMO_DATA
-
-    from .checkpoint import copy_companion_files, load_model
-    from .curriculum import STAGES, make_stage_sample
-    from .evaluate import first_box_iou, predict_checkpoint
-    from .schema import Sample
-
-    dest = Path(dest or DEMO_DATA)
-    shutil.rmtree(dest, ignore_errors=True)
-    (dest / "checkpoint").mkdir(parents=True)
-    model = load_model(model_dir).to(torch.float16)
-    model.save_pretrained(dest / "checkpoint")
-    copy_companion_files(model_dir, dest / "checkpoint")
-    for index in range(max_tries):
-        made = make_stage_sample(STAGES["multi"], index, scene_seed)
-        names = [f"scene_{k + 1}.png" for k in range(len(made.images))]
-        for name, image in zip(names, made.images):
-            image.save(dest / name, format="PNG")
-        sample = Sample(images=[str(dest / n) for n in names], query=made.sample.query, targets=made.sample.targets,
-                        image_sizes=made.sample.image_sizes)
-        boxes = predict_checkpoint(dest / "checkpoint", [sample], PROMPT_MODE)[0][0]
-        right_image, overlap = first_box_iou(boxes, sample)
-        if right_image and overlap >= 0.5:
-            break
-        for name in names:
-            (dest / name).unlink()
-    else:
-        raise RuntimeError(f"the model answers none of the first {max_tries} demo scenes right: not shipping it")
-    weights = hashlib.sha256((dest / "checkpoint" / "model.safetensors").read_bytes()).hexdigest()
-    parameters = sum(p.numel() for p in model.parameters())
-    request = {
-        "images": names, "query": sample.query, "mode": PROMPT_MODE, "max_new_tokens": 80,
-        "truth": [{"image": t.image, "bbox": [t.x1, t.y1, t.x2, t.y2], "label": t.label} for t in sample.targets],
-        "scene": f"curriculum stage multi, seed {scene_seed}, sample {index} (the first of that seed the model "
-                 f"answers right; {index} passed over)",
-        "about": (f"the demo model is a {parameters / 1e6:.1f}M-parameter Qwen2-VL trained from scratch on synthetic "
-                  "scenes of coloured shapes (gemvg-train recipe); it grounds shapes in plain scenes like these "
-                  "and nothing else."),
-        "checkpoint_sha256": weights,
-    }
-    (dest / "demo.json").write_text(json.dumps(request, indent=1) + "\n")
-    return dest
