@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .schema import Sample
 
-MODES = ("cot", "direct", "raw")
+MODES = ("cot", "direct")
 
 
 @dataclass(frozen=True)
