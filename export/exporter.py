@@ -418,14 +418,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         from .verify import check_vision
 
         progress("  checking the vision encoder against transformers' vision tower")
-        holder = [visual]
-        del visual
-        vision_check = check_vision(out / "vision.onnx", preprocess, vision, holder[0],
-                                    release=lambda: (holder.clear(), gc.collect(), trim_heap()))
-    else:
-        del visual  # the vision tower is the largest thing the export holds: gone before the decoder
-    gc.collect()
-    trim_heap()
+        vision_check = check_vision(out / "vision.onnx", preprocess, vision, visual,
+                                    release=lambda: release_weights(visual))
+    release_weights(visual)  # the largest thing the export holds: gone before the decoder
+    del visual
     started = time.perf_counter()
     progress("writing token embedding (2/3)")
     embed_names = build_embedding(tensors, out / "embed.onnx")
@@ -469,6 +465,19 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     progress(f"{precision} bundle written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB, "
              f"peak RSS {peak_rss_gb():.1f} GB)")
     return manifest
+
+
+def release_weights(module) -> None:
+    """Free a module's weights now, whoever still refers to the module: torch.onnx's exported IR keeps the
+    traced tower's Parameter objects alive after the export returns (through its graph's values), so
+    dropping our references alone frees nothing. Emptying each parameter frees its storage, and the heap
+    is handed back to the system."""
+    import torch
+
+    for parameter in module.parameters():
+        parameter.data = torch.empty(0)
+    gc.collect()
+    trim_heap()
 
 
 def trim_heap() -> None:

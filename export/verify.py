@@ -107,7 +107,7 @@ def check_vision(vision_graph: Path, preprocess, vision, visual, release: Callab
             reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
             reference = getattr(reference, "pooler_output", reference)
             references.append((reference[0] if isinstance(reference, tuple) else reference).float().numpy())
-    del visual, reference
+    del reference
     release()
     session = _session(vision_graph)
     declared = {i.name for i in session.get_inputs()}
