@@ -481,9 +481,9 @@ def release_weights(module) -> None:
 
 
 def trim_heap() -> None:
-    """Give freed heap memory back to the system. The vision tower's tensors (up to 26 MB each) come from
-    malloc's heap once its mmap threshold has risen, and freeing them would otherwise leave 2.4 GB
-    resident under the ONNX session that checks the exported tower (measured at Qwen2-VL-2B/7B)."""
+    """Give freed heap memory back to the system. The vision tower's tensors (tens of MB each) come from
+    malloc's heap once its mmap threshold has risen; freed, they would stay resident under what follows
+    (benchmarks/RESULTS.md has the figures)."""
     import ctypes
     import ctypes.util
 
