@@ -37,6 +37,7 @@ from gemvg.runtime.manifest import (SCHEMA_VERSION, Limits, Manifest, PromptTemp
                                     VisionConfig, graph_file)
 from gemvg.runtime.preprocess import PreprocessConfig
 
+from .memory import peak_rss_gb, trim_heap
 from .quantize import UPGRADE_BUDGET, WEIGHT_ONLY_BITS
 
 FAMILY_CLASSES = {
@@ -478,26 +479,6 @@ def release_weights(module) -> None:
         parameter.data = torch.empty(0)
     gc.collect()
     trim_heap()
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system. The vision tower's tensors (tens of MB each) come from
-    malloc's heap once its mmap threshold has risen; freed, they would stay resident under what follows
-    (benchmarks/RESULTS.md has the figures)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; elsewhere nothing to do
-        libc.malloc_trim(0)
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory so far (the figure an export is held to)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 def weight_only_record(fmt) -> dict:

@@ -46,6 +46,7 @@ import numpy as np
 from gemvg.runtime.errors import GemvgError
 from gemvg.runtime.manifest import GraphFile, Manifest, graph_file, load_manifest
 
+from .memory import trim_heap
 from .onnx_files import LARGE_GRAPH_BYTES, graph_bytes, save_graph, weights_file
 
 PRECISIONS = ("fp32", "int8", "int4", "int8w")
@@ -566,8 +567,9 @@ def static_int8(fp32_path: Path, out_path: Path, component: str, calibration_fee
     started = time.perf_counter()
     large = graph_bytes(fp32_path) > LARGE_GRAPH_BYTES
     prepared, merged = prepare_graph(fp32_path, workdir)
-    fp32 = onnx.load(str(prepared))
-    groups = node_groups(fp32, component)
+    # The structure only while onnxruntime calibrates: quantize_static holds the model, its augmented copy and
+    # a session of it, and our own float copy beside them took a 2B decoder past this machine's memory.
+    groups = node_groups(onnx.load(str(prepared), load_external_data=False), component)
     if not groups:
         raise QuantizeError(f"{fp32_path.name}: no MatMul/Gemm nodes to quantize")
     quantizable = [name for names in groups.values() for name in names]
@@ -596,8 +598,7 @@ def static_int8(fp32_path: Path, out_path: Path, component: str, calibration_fee
     progress(f"{component}: measuring against fp32 on {len(eval_feeds)} calibration inputs")
     evaluate = Evaluator(eval_feeds)
     evaluate.set_reference(fp32_path)
-    mixer = Mixer(onnx.load(str(qdq_path)), fp32)
-    del fp32
+    mixer = Mixer(onnx.load(str(qdq_path)), onnx.load(str(prepared)))
     model, float_groups, record = select_groups(mixer, groups, evaluate, target, component, "float", progress)
     save_graph(model, out_path)
     float_nodes = [name for group in float_groups for name in groups[group]]
@@ -843,6 +844,7 @@ def quantize_bundle(fp32_dir: str | Path, out_dir: str | Path, options: Quantize
     decoder_feeds = (pipeline.decoder(calibration) if options.precision == "int8" else [],
                      pipeline.decoder(sensitivity))
     del pipeline, engine
+    trim_heap()  # the fp32 engine's memory goes back before the quantizers load their copies
     records: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gemvg-quant-") as temp:
         workdir = Path(temp)
