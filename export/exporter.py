@@ -419,10 +419,11 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         from .verify import check_vision
 
         progress("  checking the vision encoder against transformers' vision tower")
+        # The tower, the largest thing the export holds, goes as soon as its reference outputs exist.
         vision_check = check_vision(out / "vision.onnx", preprocess, vision, visual,
                                     release=lambda: release_weights(visual))
-    release_weights(visual)  # the largest thing the export holds: gone before the decoder
-    del visual
+    else:
+        release_weights(visual)  # gone before the decoder is written
     started = time.perf_counter()
     progress("writing token embedding (2/3)")
     embed_names = build_embedding(tensors, out / "embed.onnx")
