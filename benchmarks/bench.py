@@ -31,7 +31,7 @@ from gemvg.export.checkpoints import PRESETS
 from gemvg.runtime.command import ArgumentParser, run_command
 
 # Sent verbatim (mode "raw") so that every system sees the same short prompt: with the bench model's
-# byte-level tokenizer, 2 images of 448x448 and this query make about 590 tokens (REFERENCE.md: 575).
+# byte-level tokenizer, 2 images of 448x448 and this query make about 590 tokens.
 MODE = "raw"
 QUERY = "Find the red cup."
 FOLLOW_UP = "And the blue one?"

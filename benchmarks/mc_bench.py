@@ -1,6 +1,6 @@
 """MC-Bench (Xu et al., 2024): the official weighted AP50 and image-level accuracy, prompt and conversion.
 
-The official scoring (REFERENCE.md §5) is reproduced step by step, quirks included:
+The official scoring (MC-Bench's evaluation script) is reproduced step by step, quirks included:
 
 1. COCOeval(bbox) runs once on the raw predictions; its per-(image, category) ground-truth and detection
    lists feed the group relabelling.
@@ -39,7 +39,7 @@ from gemvg.runtime.grounding import Box, ImageGeometry, build_instruction, parse
 GROUP_TWO = 2  # the category id of "group 2": only pairs holding it can have more than one group
 CONVERTED_SCORE = 1.0  # models state no confidence: every converted box gets the same score
 GROUP_LABEL = re.compile(r"^\s*group\s*(\d+)\s*$", re.IGNORECASE)
-# Our prompt (neither REFERENCE.md nor the data give an official one): the description, the facts the task
+# Our prompt (neither the benchmark's paper nor its data give an official one): the description, the facts the task
 # relies on (zero, one or two images may hold targets; several targets form groups), then the family's
 # box syntax from the runtime, whose parser reads the answer back.
 QUERY_TEMPLATE = (

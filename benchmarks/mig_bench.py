@@ -1,6 +1,6 @@
 """MIG-Bench (Migician, ACL 2025): loader, official prompt, official scoring, and a stricter variant.
 
-The official protocol (REFERENCE.md §5) is reproduced to the letter, quirks included:
+The official protocol (Migician's MIG-Bench evaluation script) is reproduced to the letter, quirks included:
 
 * box extraction tries six regex patterns in a fixed order and keeps every match of the first one that
   matches anything;

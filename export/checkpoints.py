@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
                    initializer_range=0.1),
     # Linear layers dominate its bytes (small vocab and vision tower): quantization size ratios are meaningful.
     "linear-heavy": Preset(256, 4, 4, 2, 1024, 320, (8, 12, 12), 32, 2, 2, 64, max_pixels=28 * 28 * 64),
-    # REFERENCE.md §4's bench model: Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
+    # The bench model (benchmarks/RESULTS.md): Qwen2.5-0.5B text dims with an 8-layer, 640-wide vision tower.
     "bench-0.5b": Preset(896, 24, 14, 2, 4864, 151936, (8, 12, 12), 640, 8, 10, 1712, tie_word_embeddings=True),
     # The published models' dimensions (their config.json files).
     "qwen2-vl-2b": Preset(1536, 28, 12, 2, 8960, 151936, (16, 24, 24), 1280, 32, 16, 5120,

@@ -4,7 +4,7 @@ Everything that reads or writes boxes in model text goes through here: the engin
 with `parse_answer`, training renders targets with `format_answer`, and evaluation reuses both, so
 what a model is trained on is exactly what the engine parses.
 
-Two syntaxes, one per model family (see REFERENCE.md §2):
+Two syntaxes, one per model family (as the Qwen2-VL and Qwen2.5-VL model cards write boxes):
 
 * ``qwen2_vl``: ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
   with integer coordinates 0-1000 relative to the image; the image a box lies in is named in words
