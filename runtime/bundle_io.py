@@ -19,9 +19,17 @@ VISION_ROTARY_SIN = "rotary_sin"
 VISION_WINDOW_GATHER = "window_gather"  # int64 [windows, L] (window attention only)
 VISION_WINDOW_BIAS = "window_bias"  # float32 [windows, 1, 1, L] (window attention only)
 VISION_WINDOW_SCATTER = "window_scatter"  # int64 [patches] (window attention only)
+# Learned position embeddings resampled to the image's grid (Qwen3-VL only): each patch's embedding is
+# the weighted sum of 4 rows of the table (bilinear taps), tap indices and weights computed on the host.
+VISION_POSITION_TAPS = "position_taps"  # int64 [patches, 4]
+VISION_POSITION_WEIGHTS = "position_weights"  # float32 [patches, 4]
 VISION_OUTPUT = "image_features"  # float32 [patches / merge^2, text hidden]
+# DeepStack (Qwen3-VL only): merged features of intermediate vision layers, one per decoder layer they
+# are added into (the first len(vision.deepstack_layers) decoder layers).
+VISION_DEEPSTACK_OUTPUT = "deepstack_features"  # float32 [deepstack layers, patches / merge^2, text hidden]
 VISION_INPUTS = (VISION_PIXEL_VALUES, VISION_ROTARY_COS, VISION_ROTARY_SIN,
-                 VISION_WINDOW_GATHER, VISION_WINDOW_BIAS, VISION_WINDOW_SCATTER)
+                 VISION_WINDOW_GATHER, VISION_WINDOW_BIAS, VISION_WINDOW_SCATTER,
+                 VISION_POSITION_TAPS, VISION_POSITION_WEIGHTS)
 
 # -- decoder.onnx / decoder_step.onnx: a pass over new tokens after the KV cache's filled prefix ----
 DECODER_INPUTS_EMBEDS = "inputs_embeds"  # float32 [1, seq, hidden]
@@ -31,6 +39,9 @@ DECODER_TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: filled 
 DECODER_ROTARY_COS = "rotary_cos"  # float32 [capacity, head_dim / 2]: row i = the token in slot i
 DECODER_ROTARY_SIN = "rotary_sin"
 DECODER_LOGITS = "logits"  # float32 [1, 1, vocab]: the last position only
+# DeepStack (Qwen3-VL only): added to the output of decoder layer i (i < deepstack layers); image
+# positions carry the image's deepstack features, every other position zeros.
+DECODER_DEEPSTACK_EMBEDS = "deepstack_embeds"  # float32 [deepstack layers, 1, seq, hidden]
 # The per-pass inputs besides the cache buffers and rotary tables.
 DECODER_STEP_INPUTS = (DECODER_INPUTS_EMBEDS, DECODER_CACHE_POSITIONS, DECODER_SEQLENS_K,
                        DECODER_TOTAL_SEQUENCE_LENGTH)

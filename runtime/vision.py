@@ -29,6 +29,9 @@ class VisionFeeds:
     window_bias: np.ndarray | None  # float32 [windows, 1, 1, L]: added to the scores, 0 for patches, -inf for padding
     window_scatter: np.ndarray | None  # int64 [patches]: each patch row's slot in the flat [windows * L] layout
     restore_order: np.ndarray | None  # merged-token permutation back to raster order (window attention only)
+    # Learned position embeddings (Qwen3-VL; None without them): 4 bilinear taps per patch into the table.
+    position_taps: np.ndarray | None = None  # int64 [patches, 4]
+    position_weights: np.ndarray | None = None  # float32 [patches, 4]
 
 
 def patch_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
