@@ -7,10 +7,15 @@ compute them here, in numpy, and feed them to the exported encoder (one image pe
 Qwen2.5-VL's window attention runs as a batch of windows: `window_layout` pads every window to the
 longest one, and the encoder gathers its patch rows into [windows, longest, ...], masks the padding
 keys with `window_bias` and scatters the results back to patch order.
+
+Qwen3-VL adds a learned position table (a square grid) resampled bilinearly to each image's grid:
+`position_taps` gives each patch's 4 table rows and weights, which the encoder gathers and sums, so the
+table stays a weight of the graph.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +56,36 @@ def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[n
     freqs = freqs.reshape(len(positions), -1)  # (h freqs, w freqs)
     angles = np.concatenate([freqs, freqs], axis=-1)
     return cos_sin(angles)
+
+
+def _bilinear_axis(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2 taps (int64 [n, 2]) into a `side`-long axis of the table and their float32 weights for
+    positions `index` on an axis of `size` patches, align_corners=True: the endpoints map to rows 0 and
+    side - 1. float32 operations in transformers' order (its _interpolation_axis_taps_weights), each one
+    correctly rounded in both, so the weights are the same bits."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+    return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+
+def position_interpolation(grid_h: int, grid_w: int, merge: int,
+                           num_position_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear resampling (align_corners=True) of a square learned position table of
+    `num_position_embeddings` rows to a grid_h x grid_w image, as transformers'
+    get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True,
+    spatial_merge_size=merge) computes it for one frame: per patch, in merge-block order, the 4 table
+    rows (int64 [patches, 4], (top, left), (top, right), (bottom, left), (bottom, right)) and their
+    float32 weights. A patch's embedding is sum_k weights[:, k] * table[taps[:, k]]."""
+    side = math.isqrt(num_position_embeddings)  # transformers: int(num_position_embeddings ** 0.5)
+    positions = patch_positions(grid_h, grid_w, merge)
+    h_taps, h_weights = _bilinear_axis(positions[:, 0], grid_h, side)
+    w_taps, w_weights = _bilinear_axis(positions[:, 1], grid_w, side)
+    taps = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return taps, weights
 
 
 def window_partition(grid_h: int, grid_w: int, merge: int, window_merged: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +129,13 @@ def vision_feeds(pixel_values: np.ndarray, grid_thw: tuple[int, int, int], confi
     unit = merge * merge
     positions = np.tile(patch_positions(grid_h, grid_w, merge), (t, 1))
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    if config.num_position_embeddings > 0:  # Qwen3-VL: a learned position table, no window attention
+        if config.window_size > 0:
+            raise ValueError("a vision config with both a learned position table and window attention "
+                             "is not a Qwen-VL tower gemvg knows")
+        taps, weights = position_interpolation(grid_h, grid_w, merge, config.num_position_embeddings)
+        return VisionFeeds(pixel_values, cos, sin, None, None, None, None,
+                           position_taps=np.tile(taps, (t, 1)), position_weights=np.tile(weights, (t, 1)))
     if config.window_size <= 0:
         return VisionFeeds(pixel_values, cos, sin, None, None, None, None)
     order, merged_window_ids = window_partition(grid_h, grid_w, merge, config.window_size // merge // config.patch_size)
