@@ -1,9 +1,12 @@
-"""The three exportable graphs, written plainly over a transformers Qwen-VL model's own weights.
+"""The exportable graphs, written plainly over a transformers Qwen-VL model's own weights.
 
 * VisionEncoder: one image's patches -> merged features. Rotary cos/sin and Qwen2.5-VL's window layout
   (gather / bias / scatter indices) come in as inputs (computed on the host by gemvg.runtime.vision), so
   the graph has no data-dependent control flow. Windowed blocks attend within each window as one batch
   of windows padded to the longest, not as full attention under a mask.
+* DeepStackVisionEncoder: Qwen3-VL's tower, one image's patches -> merged features and the DeepStack
+  features of intermediate blocks. Besides the rotary cos/sin it takes the bilinear taps and weights into
+  its learned position table as inputs (gemvg.runtime.vision as well).
 * TokenEmbedding: ids -> embeddings.
 
 For ONNX Runtime targets the vision rotary is one com.microsoft RotaryEmbedding node per q and k
@@ -71,13 +74,15 @@ def rotary_translation(heads: int, head_dim: int):
     return translate
 
 
-class VisionEncoder(nn.Module):
-    def __init__(self, visual: nn.Module, fullatt_block_indexes: tuple[int, ...] | None, fused_rotary: bool = False):
+class VisionTowerGraph(nn.Module):
+    """What the exported Qwen-VL vision towers share: the patch embedding as a MatMul, the rotary op
+    (`fused_rotary`: one com.microsoft RotaryEmbedding per q and k, see rotary_translation), attention
+    with a float32 softmax over the whole image or within windows, and the residual block around it."""
+
+    def __init__(self, visual: nn.Module, fused_rotary: bool = False):
         super().__init__()
         self.visual = visual
         self.rotary = torch.ops.gemvg.vision_rotary if fused_rotary else apply_rotary
-        # None: Qwen2-VL, every block attends to the whole image; else Qwen2.5-VL window attention.
-        self.full_blocks = None if fullatt_block_indexes is None else set(fullatt_block_indexes)
 
     def patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """HF's patch embedding is a Conv3d whose kernel equals its stride over one flattened patch: the
@@ -90,7 +95,7 @@ class VisionEncoder(nn.Module):
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's RMSNorm written as x / sqrt(mean(x^2) + eps) * weight, the pattern ONNX Runtime fuses
         into one SimplifiedLayerNormalization (HF's rsqrt exports as Sqrt + Reciprocal, which it leaves as
-        seven nodes). Qwen2-VL's LayerNorm is called as it is."""
+        seven nodes). Qwen2-VL's and Qwen3-VL's LayerNorms are called as they are."""
         if not hasattr(module, "variance_epsilon"):
             return module(x)
         return module.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
@@ -130,19 +135,66 @@ class VisionEncoder(nn.Module):
         out = self.core(block.attn, q, k, v, bias).transpose(1, 2).reshape(windows * longest, -1)
         return block.attn.proj(out.index_select(0, scatter))
 
+    def block(self, block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One vision block: attention (over the image, or within `windows` = (gather, bias, scatter)) and
+        MLP, each on the normed hidden state and added to it."""
+        x = self.norm(block.norm1, hidden)
+        attended = (self.attention(block, x, cos, sin) if windows is None
+                    else self.window_attention(block, x, cos, sin, *windows))
+        hidden = hidden + attended
+        return hidden + block.mlp(self.norm(block.norm2, hidden))
+
+
+class VisionEncoder(VisionTowerGraph):
+    """Qwen2-VL's and Qwen2.5-VL's towers: patches -> merged features."""
+
+    def __init__(self, visual: nn.Module, fullatt_block_indexes: tuple[int, ...] | None, fused_rotary: bool = False):
+        super().__init__(visual, fused_rotary)
+        # None: Qwen2-VL, every block attends to the whole image; else Qwen2.5-VL window attention.
+        self.full_blocks = None if fullatt_block_indexes is None else set(fullatt_block_indexes)
+
     def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather=None, window_bias=None,
                 window_scatter=None):
         hidden = self.patch_embed(pixel_values)
         for index, block in enumerate(self.visual.blocks):
-            x = self.norm(block.norm1, hidden)
-            if self.full_blocks is None or index in self.full_blocks:
-                hidden = hidden + self.attention(block, x, rotary_cos, rotary_sin)
-            else:
-                hidden = hidden + self.window_attention(block, x, rotary_cos, rotary_sin, window_gather, window_bias,
-                                                        window_scatter)
-            hidden = hidden + block.mlp(self.norm(block.norm2, hidden))
+            full = self.full_blocks is None or index in self.full_blocks
+            hidden = self.block(block, hidden, rotary_cos, rotary_sin,
+                                None if full else (window_gather, window_bias, window_scatter))
         merger = self.visual.merger
         return merger.mlp(self.norm(merger.ln_q, hidden).view(-1, merger.hidden_size))
+
+
+class DeepStackVisionEncoder(VisionTowerGraph):
+    """Qwen3-VL's tower (transformers' Qwen3VLVisionModel): patches -> merged features and DeepStack features.
+
+    A separate class because the tower differs in what goes around the blocks: a learned position table
+    resampled to the image's grid is added after the patch embedding, and after each block in
+    `deepstack_visual_indexes` a merger of its own turns the hidden state into an extra feature map (the
+    decoder adds it into one of its first layers). The resampling's taps and weights come in as inputs
+    (gemvg.runtime.vision.position_interpolation); the graph gathers the table's rows and sums them
+    (Gather, Mul, ReduceSum), so the table stays a weight. Every block attends to the whole image."""
+
+    def __init__(self, visual: nn.Module, fused_rotary: bool = False):
+        super().__init__(visual, fused_rotary)
+        self.deepstack_layers = tuple(int(i) for i in visual.deepstack_visual_indexes)
+        if not self.deepstack_layers:
+            raise ValueError("a DeepStack vision tower needs at least one deepstack_visual_indexes layer")
+
+    def position_embed(self, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[:, k] * table[taps[:, k]], HF's expression: [patches, hidden]."""
+        return (self.visual.pos_embed(taps) * weights.unsqueeze(-1)).sum(1)
+
+    def forward(self, pixel_values, rotary_cos, rotary_sin, position_taps, position_weights):
+        visual = self.visual
+        hidden = self.patch_embed(pixel_values)
+        hidden = hidden + self.position_embed(position_taps, position_weights).to(hidden.dtype)
+        deepstack = []
+        for index, block in enumerate(visual.blocks):
+            hidden = self.block(block, hidden, rotary_cos, rotary_sin)
+            if index in self.deepstack_layers:
+                deepstack.append(visual.deepstack_merger_list[self.deepstack_layers.index(index)](hidden))
+        return visual.merger(hidden), torch.stack(deepstack)
 
 
 class TokenEmbedding(nn.Module):
