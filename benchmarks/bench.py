@@ -29,6 +29,7 @@ import numpy as np
 
 from gemvg.export.checkpoints import PRESETS
 from gemvg.runtime.command import ArgumentParser, run_command
+from gemvg.runtime.families import FAMILIES
 
 # Sent verbatim (mode "raw") so that every system sees the same short prompt: with the bench model's
 # byte-level tokenizer, 2 images of 448x448 and this query make about 590 tokens.
@@ -200,40 +201,18 @@ def _label(manifest) -> str:
 def bench_hf(checkpoint: Path, images: list[Path], workload: Workload) -> SystemResult:
     """transformers fp32 (default attention), the same prompt as gemvg's direct mode."""
     import torch
-    import transformers
-    from transformers import AutoTokenizer
-    from transformers.image_utils import load_image
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from gemvg.export.reference import Reference, load_model
     from gemvg.runtime.grounding import build_instruction
 
     torch.set_num_threads(workload.threads)
-    config = json.loads((checkpoint / "config.json").read_text())
-    family = config["model_type"]
     start = time.perf_counter()
-    model = getattr(transformers, config["architectures"][0]).from_pretrained(str(checkpoint), dtype=torch.float32)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    processor_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
-    processor_config.pop("image_processor_type", None)
-    image_processor = Qwen2VLImageProcessorPil(**processor_config)
+    model = load_model(checkpoint)  # transformers' default attention
+    reference = Reference(checkpoint, model)
     load_ms = (time.perf_counter() - start) * 1e3
-    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    template = (checkpoint / "chat_template.jinja").read_text()
 
     def prepare(query: str) -> dict:
-        pils = [load_image(str(p)) for p in images]
-        processed = image_processor(images=pils, return_tensors="pt")
-        content = [{"type": "image"} for _ in pils] + [{"type": "text", "text": build_instruction(query, family, MODE)}]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
-                                             tokenize=False, add_generation_prompt=True)
-        parts = text.split(image_token)
-        expanded = parts[0] + "".join(image_token * int(g.prod() // 4) + part
-                                      for g, part in zip(processed["image_grid_thw"], parts[1:]))
-        ids = torch.tensor([tokenizer(expanded)["input_ids"]])
-        return {"input_ids": ids, "pixel_values": processed["pixel_values"],
-                "image_grid_thw": processed["image_grid_thw"],
-                "mm_token_type_ids": (ids == model.config.image_token_id).to(torch.int32)}
+        return reference.inputs(images, build_instruction(query, reference.family.box_syntax, MODE))
 
     # Every stage of a run is read from one generate call: hooks stamp the vision tower's and each forward
     # pass's start and end, so no stage is a difference of two separately timed calls (which noise can
@@ -402,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="gemvg bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-model", metavar="NAME", choices=list(PRESETS),
-                        help="write a random-weight checkpoint: real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b: "
+                        help="write a random-weight checkpoint: real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b, qwen3-vl-2b: "
                              "bf16 shards, written one tensor at a time), bench-0.5b, tiny")
-    parser.add_argument("--family", default=None, choices=["qwen2_vl", "qwen2_5_vl"],
+    parser.add_argument("--family", default=None, choices=list(FAMILIES),
                         help="for presets of no fixed family (default qwen2_5_vl); real shapes have their own")
     parser.add_argument("--bundle", action="append", default=[], help="a gemvg bundle to measure; repeat")
     parser.add_argument("--checkpoint", help="the checkpoint the bundles came from (for baselines)")

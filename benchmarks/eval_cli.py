@@ -153,7 +153,7 @@ class ModelAnswer:
 
 
 class Grounder(Protocol):
-    family: str
+    syntax: str  # the model's box syntax (gemvg.runtime.grounding.SYNTAXES)
 
     def answer(self, images: Sequence[Path], query: str, max_new_tokens: int) -> ModelAnswer: ...
 
@@ -164,7 +164,7 @@ class BundleGrounder:
     def __init__(self, bundle: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         from gemvg.runtime import Engine
         self.engine = Engine.load(bundle, device=device, threads=threads)
-        self.family = self.engine.manifest.family
+        self.syntax = self.engine.manifest.box_syntax
 
     def answer(self, images: Sequence[Path], query: str, max_new_tokens: int) -> ModelAnswer:
         result = self.engine.ground([str(p) for p in images], query, mode="raw", max_new_tokens=max_new_tokens)
@@ -174,14 +174,10 @@ class BundleGrounder:
 def hf_grounder(checkpoint: str | Path) -> Grounder:
     """A transformers checkpoint run with greedy decoding; torch and transformers are imported only here.
 
-    Inputs are assembled as Qwen2VLProcessor does (chat template, one <|image_pad|> per merged patch,
-    mm_token_type_ids marking image tokens: without it transformers 5 silently uses 1-D text positions),
-    since the processor class itself needs torchvision.
+    Inputs and generation are gemvg.export.reference's (the pipeline the parity tests check against).
     """
     try:
-        import torch
-        import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from gemvg.export.reference import Reference
     except ImportError as err:
         raise BenchmarkInputError(f"--hf needs torch and transformers ({err})") from None
     from PIL import Image
@@ -189,40 +185,21 @@ def hf_grounder(checkpoint: str | Path) -> Grounder:
     path = str(checkpoint)
     if not Path(path, "config.json").is_file():
         raise BenchmarkInputError(f"--hf {path!r} is not a transformers checkpoint (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    processor = AutoImageProcessor.from_pretrained(path)
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    reference = Reference(path)
+    tokenizer = reference.tokenizer
     stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    patch, merge = processor.patch_size, processor.merge_size
 
     class _HFGrounder:
-        family = config.model_type
+        syntax = reference.family.box_syntax
 
         def answer(self, images: Sequence[Path], query: str, max_new_tokens: int) -> ModelAnswer:
             pictures = [Image.open(p).convert("RGB") for p in images]
-            processed = processor(images=pictures, return_tensors="pt")
-            content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": query}]
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                   add_generation_prompt=True)
-            parts = prompt.split(image_token)
-            expanded = parts[0] + "".join(image_token * (int(grid.prod()) // merge**2) + part
-                                          for grid, part in zip(processed["image_grid_thw"], parts[1:]))
-            input_ids = torch.tensor([tokenizer(expanded)["input_ids"]])
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids, pixel_values=processed["pixel_values"],
-                    image_grid_thw=processed["image_grid_thw"],
-                    mm_token_type_ids=(input_ids == config.image_token_id).to(torch.int32),
-                    do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                )
-            tokens = output[0, input_ids.shape[1]:].tolist()
+            inputs = reference.inputs(pictures, query)
+            tokens = reference.generate(inputs, max_new_tokens)
             while tokens and tokens[-1] in stop_ids:
                 tokens.pop()
-            geometries = [ImageGeometry(p.width, p.height, int(grid[2]) * patch, int(grid[1]) * patch)
-                          for p, grid in zip(pictures, processed["image_grid_thw"])]
-            return ModelAnswer(tokenizer.decode(tokens, skip_special_tokens=False), geometries)
+            return ModelAnswer(tokenizer.decode(tokens, skip_special_tokens=False),
+                               reference.geometries(pictures, inputs))
 
     return _HFGrounder()
 
@@ -328,8 +305,8 @@ def run_mc_bench(args: argparse.Namespace, coco_gt: Any) -> int:
     started = time.perf_counter()
     for done, index in enumerate(todo, start=1):
         pair = pairs[index]
-        answer = grounder.answer(images[index], mc_bench.build_prompt(pair.text, grounder.family), args.max_new_tokens)
-        results = mc_bench.response_to_results(answer.text, grounder.family, answer.geometries, pair.image_ids,
+        answer = grounder.answer(images[index], mc_bench.build_prompt(pair.text, grounder.syntax), args.max_new_tokens)
+        results = mc_bench.response_to_results(answer.text, grounder.syntax, answer.geometries, pair.image_ids,
                                                category_count)
         log.append({"index": index, "response": answer.text, "results": results})
         _report_progress(done, len(todo), started, pair.style)

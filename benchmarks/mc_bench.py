@@ -40,7 +40,7 @@ GROUP_TWO = 2  # the category id of "group 2": only pairs holding it can have mo
 CONVERTED_SCORE = 1.0  # models state no confidence: every converted box gets the same score
 GROUP_LABEL = re.compile(r"^\s*group\s*(\d+)\s*$", re.IGNORECASE)
 # Our prompt (neither the benchmark's paper nor its data give an official one): the description, the facts the task
-# relies on (zero, one or two images may hold targets; several targets form groups), then the family's
+# relies on (zero, one or two images may hold targets; several targets form groups), then the model's
 # box syntax from the runtime, whose parser reads the answer back.
 QUERY_TEMPLATE = (
     'Find every object in the two images that matches this description: "{text}". '
@@ -318,13 +318,13 @@ def load_pairs(path: str | Path) -> list[McBenchPair]:
 
 
 def build_query(text: str) -> str:
-    """The MC-Bench question for a description, before the family's format instruction."""
+    """The MC-Bench question for a description, before the model's format instruction."""
     return QUERY_TEMPLATE.format(text=text)
 
 
-def build_prompt(text: str, family: str) -> str:
-    """The full user text sent with the two images: the query plus the family's box-syntax instruction."""
-    return build_instruction(build_query(text), family, "direct")
+def build_prompt(text: str, syntax: str) -> str:
+    """The full user text sent with the two images: the query plus the model's box-syntax instruction."""
+    return build_instruction(build_query(text), syntax, "direct")
 
 
 def group_ids(labels: Sequence[str], category_count: int) -> list[int | None]:
@@ -365,11 +365,11 @@ def boxes_to_results(boxes: Sequence[Box], image_ids: tuple[int, int], category_
     return results
 
 
-def response_to_results(text: str, family: str, geometries: Sequence[ImageGeometry], image_ids: tuple[int, int],
+def response_to_results(text: str, syntax: str, geometries: Sequence[ImageGeometry], image_ids: tuple[int, int],
                         category_count: int = 7) -> list[dict]:
-    """A model's answer for a pair as COCO results, read with the runtime's parser for its family.
+    """A model's answer for a pair as COCO results, read with the runtime's parser for its box syntax.
 
     Qwen2-VL boxes are 0-1000 relative, Qwen2.5-VL boxes are pixels of the resized image: `geometries`
     (original and resized size of each image) maps both to original pixels.
     """
-    return boxes_to_results(parse_answer(text, family, list(geometries)), image_ids, category_count)
+    return boxes_to_results(parse_answer(text, syntax, list(geometries)), image_ids, category_count)

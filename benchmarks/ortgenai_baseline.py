@@ -54,6 +54,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemvg.runtime.families import family
+from gemvg.runtime.preprocess import PreprocessConfig
+
 PRECISIONS = ("fp32", "int4")
 BUILD_MARKER = "gemvg_ortgenai.json"
 ORT_GENAI_VERSION = "0.18.0"
@@ -211,6 +214,7 @@ def _assemble(checkpoint: Path, out: Path) -> None:
     embed_in, embed_out = _graph_io(out / "embedding" / "model.onnx")
     hf_config = json.loads((checkpoint / "config.json").read_text())
     processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    preprocess = family(hf_config["model_type"]).preprocess_config(processor)
     session = {"log_id": "onnxruntime-genai", "provider_options": []}
     model = built["model"]
     model["decoder"]["filename"] = "decoder/model.onnx"
@@ -220,8 +224,8 @@ def _assemble(checkpoint: Path, out: Path) -> None:
         "inputs": {name: name for name in vision_in},
         "outputs": {name: name for name in vision_out},
         "session_options": dict(session),
-        "spatial_merge_size": processor["merge_size"],
-        "patch_size": processor["patch_size"],
+        "spatial_merge_size": preprocess.merge_size,
+        "patch_size": preprocess.patch_size,
     }
     model["embedding"] = {
         "filename": "embedding/model.onnx",
@@ -235,7 +239,7 @@ def _assemble(checkpoint: Path, out: Path) -> None:
         if key in hf_config:
             model[key] = hf_config[key]
     (out / "genai_config.json").write_text(json.dumps(built, indent=2))
-    (out / "processor_config.json").write_text(json.dumps(processor_config(processor), indent=2))
+    (out / "processor_config.json").write_text(json.dumps(processor_config(processor, preprocess), indent=2))
     for name in ("tokenizer.json", "chat_template.jinja"):
         shutil.copy2(checkpoint / name, out / name)
     tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
@@ -243,8 +247,10 @@ def _assemble(checkpoint: Path, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
 
 
-def processor_config(pre: dict) -> dict:
-    """ORT Extensions' Qwen2.5-VL image pipeline from an HF preprocessor_config.json."""
+def processor_config(pre: dict, config: PreprocessConfig) -> dict:
+    """ORT Extensions' Qwen2.5-VL image pipeline from an HF preprocessor_config.json `pre`, as gemvg's family
+    reader read it into `config` (either form of the pixel bounds: min_pixels / max_pixels or
+    size {shortest_edge, longest_edge})."""
     def op(name: str, kind: str, **attrs) -> dict:
         return {"operation": {"name": name, "type": kind, **({"attrs": attrs} if attrs else {})}}
 
@@ -252,13 +258,13 @@ def processor_config(pre: dict) -> dict:
         op("decode_image", "DecodeImage", color_space="RGB"),
         op("convert_to_rgb", "ConvertRGB"),
         # height/width are ignored under smart_resize; min/max pixels and the 28-pixel factor rule.
-        op("resize", "Resize", height=448, width=448, smart_resize=1, min_pixels=pre["min_pixels"],
-           max_pixels=pre["max_pixels"], patch_size=pre["patch_size"], merge_size=pre["merge_size"],
+        op("resize", "Resize", height=448, width=448, smart_resize=1, min_pixels=config.min_pixels,
+           max_pixels=config.max_pixels, patch_size=config.patch_size, merge_size=config.merge_size,
            interpolation=_INTERPOLATION.get(pre.get("resample", 3), "CUBIC")),
-        op("rescale", "Rescale", rescale_factor=pre["rescale_factor"]),
-        op("normalize", "Normalize", mean=pre["image_mean"], std=pre["image_std"], qwen2_5_vl=1),
-        op("patch_image", "PatchImage", patch_size=pre["patch_size"], temporal_patch_size=pre["temporal_patch_size"],
-           merge_size=pre["merge_size"]),
+        op("rescale", "Rescale", rescale_factor=config.rescale_factor),
+        op("normalize", "Normalize", mean=list(config.image_mean), std=list(config.image_std), qwen2_5_vl=1),
+        op("patch_image", "PatchImage", patch_size=config.patch_size,
+           temporal_patch_size=config.temporal_patch_size, merge_size=config.merge_size),
     ]}}
 
 
@@ -344,10 +350,10 @@ def bench_ortgenai(checkpoint: Path, images: list[Path], workload, precision: st
 
     og = require_ortgenai()
     model_dir = build_ortgenai_model(checkpoint, precision, cache_dir)
-    family = json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]
+    syntax = family(json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]).box_syntax
     mode = getattr(bench, "MODE", "direct")  # the prompt mode gemvg and transformers get in bench.py
-    first_text = build_instruction(QUERY, family, mode)
-    follow_text = build_instruction(FOLLOW_UP, family, mode)
+    first_text = build_instruction(QUERY, syntax, mode)
+    follow_text = build_instruction(FOLLOW_UP, syntax, mode)
     n = workload.new_tokens
     profile_dir = Path(tempfile.mkdtemp(prefix="gemvg-ortgenai-profile-"))
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}

@@ -101,14 +101,14 @@ def generated_samples(count: int, seed: int = 1000) -> list[Sample]:
 
 def decoder_inputs(engine: Engine, sample: Sample) -> dict[str, np.ndarray]:
     """The decoder's prefill feed for a request, as `Engine.prefill` builds it for a fresh cache:
-    `Engine.embed_prompt` over the engine's own vision features, the prompt's M-RoPE positions, and
+    `Engine.prompt_inputs` over the engine's own vision features, the prompt's M-RoPE positions, and
     `Engine.decoder_feeds` (an empty cache sized for the prompt)."""
     inputs = engine.prepare(list(sample.images), sample.query)
     prompt = inputs.prompt
     features = [engine.encode_image(image) for image in inputs.images]
-    embeds = engine.embed_prompt(prompt, features)
+    embeds, deepstack = engine.prompt_inputs(prompt, features)
     cache = engine.new_cache(len(prompt.input_ids))
-    return engine.decoder_feeds(embeds, prompt.position_ids[:, None, :], cache)
+    return engine.decoder_feeds(embeds, prompt.position_ids[:, None, :], cache, deepstack)
 
 
 class PipelineFeeds:

@@ -1,4 +1,5 @@
-"""Random-weight checkpoints with real Qwen2-VL / Qwen2.5-VL architectures, written in HF layout.
+"""Random-weight checkpoints with real Qwen-VL architectures (every family of gemvg.runtime.families),
+written in HF layout.
 
 No weights can be downloaded here, so tests, the demo and the benchmarks build their models from a
 config. The tokenizer is a byte-level BPE built in code whose special tokens sit at ids of its own
@@ -39,9 +40,6 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -64,6 +62,8 @@ class Preset:
     initializer_range: float = 0.02
     family: str | None = None  # a real model's family; None: either
     fullatt_block_indexes: tuple[int, ...] | None = None  # qwen2_5_vl; default every fourth block
+    deepstack_layers: tuple[int, ...] | None = None  # qwen3_vl; default the first three blocks (fewer if small)
+    position_embeddings: int = 16  # qwen3_vl: the learned position table (a square grid)
     # Real shapes are written as real checkpoints are: bf16 shards with hub tensor names, one tensor at a
     # time from a model built on the meta device (a 7B never sits in memory). Small presets are saved by
     # transformers from an initialised model.
@@ -86,6 +86,9 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-vl-3b": Preset(2048, 36, 16, 2, 11008, 151936, (16, 24, 24), 1280, 32, 16, 3420,
                             tie_word_embeddings=True, max_pixels=12845056, family="qwen2_5_vl",
                             fullatt_block_indexes=(7, 15, 23, 31), real_shape=True),
+    "qwen3-vl-2b": Preset(2048, 28, 16, 8, 6144, 151936, (24, 20, 20), 1024, 24, 16, 4096,
+                          tie_word_embeddings=True, min_pixels=65536, max_pixels=16777216, family="qwen3_vl",
+                          deepstack_layers=(5, 11, 17), position_embeddings=2304, real_shape=True),
 }
 
 
@@ -102,10 +105,13 @@ def build_tokenizer():
     return tokenizer
 
 
-def _config_dict(family: str, preset: Preset, token_ids: dict[str, int]) -> dict:
+def _config_dict(of, preset: Preset, token_ids: dict[str, int]) -> dict:
     head_dim = preset.text_hidden // preset.text_heads
     if sum(preset.mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {preset.mrope_section} does not cover head_dim {head_dim}")
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(preset.mrope_section)}
+    if of.mrope_interleaved:
+        rope["mrope_interleaved"] = True
     text = {
         "vocab_size": preset.vocab_size,
         "hidden_size": preset.text_hidden,
@@ -113,33 +119,16 @@ def _config_dict(family: str, preset: Preset, token_ids: dict[str, int]) -> dict
         "num_hidden_layers": preset.text_layers,
         "num_attention_heads": preset.text_heads,
         "num_key_value_heads": preset.text_kv_heads,
+        "head_dim": head_dim,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                            "mrope_section": list(preset.mrope_section)},
+        "rope_parameters": rope,
         "initializer_range": preset.initializer_range,
         "tie_word_embeddings": preset.tie_word_embeddings,
         "bos_token_id": token_ids["<|endoftext|>"],
         "eos_token_id": token_ids["<|im_end|>"],
     }
-    if family == "qwen2_vl":
-        vision = {
-            "depth": preset.vision_layers, "embed_dim": preset.vision_width, "hidden_size": preset.text_hidden,
-            "num_heads": preset.vision_heads, "mlp_ratio": preset.vision_intermediate // preset.vision_width,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "initializer_range": preset.initializer_range,
-        }
-    else:
-        vision = {
-            "depth": preset.vision_layers, "hidden_size": preset.vision_width,
-            "intermediate_size": preset.vision_intermediate, "out_hidden_size": preset.text_hidden,
-            "num_heads": preset.vision_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "window_size": 112, "hidden_act": "silu",
-            "fullatt_block_indexes": list(preset.fullatt_block_indexes or
-                                          [i for i in range(preset.vision_layers) if i % 4 == 3] or
-                                          [preset.vision_layers - 1]),
-            "initializer_range": preset.initializer_range,
-        }
+    vision = {**of.random_vision(preset), "initializer_range": preset.initializer_range}
     return {
         "text_config": text,
         "vision_config": vision,
@@ -156,15 +145,18 @@ def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str 
     """Write a random-weight checkpoint (config, safetensors, tokenizer, preprocessor, chat template).
     `family` defaults to the preset's own (real shapes) or qwen2_vl."""
     import torch
-    from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from gemvg.runtime.families import FAMILIES
+
+    from .reference import hf_class
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     dims = PRESETS[preset]
     family = family or dims.family or "qwen2_vl"
-    if family not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(f"unknown family {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     if dims.family and family != dims.family:
         raise ValueError(f"preset {preset!r} is a {dims.family} model, not {family}")
     out = Path(out_dir)
@@ -172,9 +164,9 @@ def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str 
 
     tokenizer = build_tokenizer()
     token_ids = {tok: tokenizer.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
-    config_cls, model_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if family == "qwen2_vl"
-                             else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
-    config = config_cls(**_config_dict(family, dims, token_ids))
+    of = FAMILIES[family]
+    config_cls, model_cls = hf_class(of, "config"), hf_class(of, "model")
+    config = config_cls(**_config_dict(of, dims, token_ids))
     config.architectures = [model_cls.__name__]
     generation = GenerationConfig(eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
                                   pad_token_id=token_ids["<|endoftext|>"], bos_token_id=token_ids["<|endoftext|>"])
@@ -199,9 +191,12 @@ def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str 
     (out / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
     processor_type = "Qwen2VLImageProcessor"
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": processor_type, "min_pixels": dims.min_pixels, "max_pixels": dims.max_pixels,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_rescale": True, "rescale_factor": 1 / 255,
+        "image_processor_type": processor_type,
+        # The pixel bounds as transformers 5 writes them (and Qwen3-VL checkpoints ship them).
+        "size": {"shortest_edge": dims.min_pixels, "longest_edge": dims.max_pixels},
+        "patch_size": of.patch_size, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(of.image_mean), "image_std": list(of.image_std), "do_rescale": True,
+        "rescale_factor": 1 / 255,
         "do_normalize": True, "do_convert_rgb": True, "resample": 3,
     }, indent=2))
     return out

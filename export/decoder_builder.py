@@ -13,6 +13,10 @@ than traced, so it uses exactly the kernels that make CPU decoding fast:
 * GroupQueryAttention on the packed q|k|v projection, rotating q and k itself (do_rotary) from cos/sin
   tables the host fills per cache slot with the M-RoPE angles (gemvg.runtime.rotary): no Split and no
   rotary nodes per layer;
+* Qwen3-VL's QK-norm as one SimplifiedLayerNormalization per head over q and over k (between the packed
+  projection and GroupQueryAttention, which then takes q, k and v apart), and DeepStack as one Add per
+  deepstack layer of the `deepstack_embeds` input (image positions carry the vision tower's intermediate
+  features, the rest zeros) to that layer's output;
 * the last position only after the last layer's attention: the other positions' outputs of that layer
   feed nothing (their keys and values are already cached), so its o_proj, MLP, the final norm and the
   lm_head see one row; exact, and it saves 1/num_layers of the prefill's MLP work.
@@ -26,7 +30,8 @@ the number of layers, and a weight-only decoder is written without an fp32 one e
 I/O (the bundle's convention, gemvg.runtime.bundle_io): inputs_embeds [1, S, hidden], cache_positions
 [1, S] int64 (the cache slots of the S tokens), rotary_cos / rotary_sin [capacity, head_dim / 2] (row i:
 the angles of the token in slot i), past_key_{i} / past_value_{i} [1, kv_heads, capacity, head_dim],
-seqlens_k [1] int32 (index of the last valid position), total_sequence_length [] int32 -> logits
+seqlens_k [1] int32 (index of the last valid position), total_sequence_length [] int32, with DeepStack
+deepstack_embeds [deepstack layers, 1, S, hidden] -> logits
 [1, 1, vocab], present_key_{i} / present_value_{i} (the same buffers as the past ones).
 """
 
@@ -94,7 +99,7 @@ class WeightFile:
             self.offset += padding
 
     def array(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         if array.nbytes < INLINE_BYTES:
             tensor = numpy_helper.from_array(array, name)
             self.written[name] = tensor
@@ -190,6 +195,7 @@ class GraphBuilder:
         self.count = 0
         self.weights = weights
         self.reused = reused  # a check graph: tensors by name from the written bundle
+        self.constants: set[str] = set()
 
     def _known(self, name: str) -> str | None:
         if self.reused is not None:
@@ -198,9 +204,13 @@ class GraphBuilder:
         return None
 
     def constant(self, name: str, make: Callable[[], np.ndarray]) -> str:
+        """The initializer `name` made by `make()`, written once however often it is asked for."""
+        if name in self.constants:
+            return name
+        self.constants.add(name)
         if self._known(name):
             return name
-        array = np.ascontiguousarray(make())
+        array = np.asarray(make(), order="C")  # keeps a 0-d index 0-d (ascontiguousarray makes it 1-d)
         self.initializers.append(self.weights.array(name, array) if self.weights else
                                  numpy_helper.from_array(array, name))
         return name
@@ -261,10 +271,13 @@ class GraphBuilder:
 def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, intermediate_size: int,
                   out_path: Path, fmt: WeightFormat = WeightFormat(), layers: Sequence[int] | None = None,
                   reused: dict[str, TensorProto] | None = None,
-                  progress: Callable[[str], None] | None = None) -> tuple[list[str], list[str], dict]:
+                  progress: Callable[[str], None] | None = None,
+                  deepstack_layers: int = 0) -> tuple[list[str], list[str], dict]:
     """Write `out_path` (+ `<name>.data`) for the decoder's `layers` (default all). With `reused`, the graph
     refers to tensors already written under those names (a check graph over part of a bundle's decoder)
-    and writes no weights. Returns the input names, output names and the written tensors by name."""
+    and writes no weights. `deepstack_layers`: how many first layers take DeepStack features (Qwen3-VL).
+    Projection biases and QK-norm are written when the checkpoint has them. Returns the input names,
+    output names and the written tensors by name."""
     import time
 
     layers = list(range(text.num_layers) if layers is None else layers)
@@ -285,6 +298,9 @@ def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, 
                helper.make_tensor_value_info(io.DECODER_TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
                helper.make_tensor_value_info(io.DECODER_ROTARY_COS, TensorProto.FLOAT, ["capacity", head_dim // 2]),
                helper.make_tensor_value_info(io.DECODER_ROTARY_SIN, TensorProto.FLOAT, ["capacity", head_dim // 2])]
+    if deepstack_layers:
+        inputs.append(helper.make_tensor_value_info(io.DECODER_DEEPSTACK_EMBEDS, TensorProto.FLOAT,
+                                                    [deepstack_layers, 1, "seq", hidden]))
 
     mlp_split = g.constant("mlp_split", lambda: np.array([intermediate_size] * 2, np.int64))
     last_start = g.constant("last_start", lambda: np.array([-1], np.int64))
@@ -293,6 +309,15 @@ def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, 
 
     def last(name: str) -> str:
         return g.op("Slice", [name, last_start, last_end, seq_axis])
+
+    def head_norm(x: str, count: int, name: str, weight: str) -> str:
+        """RMSNorm over each of `count` heads of x [1, S, count * head_dim] (Qwen3's q_norm / k_norm)."""
+        per_head = g.constant(f"heads_{count}", lambda: np.array([0, 0, count, head_dim], np.int64))
+        flat = g.constant(f"flat_{count}", lambda: np.array([0, 0, count * head_dim], np.int64))
+        scale = g.constant(name, lambda: source.vector(weight))
+        normed = g.op("SimplifiedLayerNormalization", [g.op("Reshape", [x, per_head]), scale], axis=-1,
+                      epsilon=rms_norm_eps)
+        return g.op("Reshape", [normed, flat])
 
     residual = io.DECODER_INPUTS_EMBEDS
     pending = None  # the previous sublayer's output, added to the residual by the next fused norm
@@ -305,10 +330,17 @@ def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, 
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm_in], outputs=4,
                                      domain="com.microsoft", epsilon=rms_norm_eps)
         projections = [prefix + f"self_attn.{p}_proj" for p in "qkv"]
-        qkv = g.linear(x, f"l{i}_qkv_weight", source, [p + ".weight" for p in projections], fmt,
-                       bias=[p + ".bias" for p in projections])
+        biases = [p + ".bias" for p in projections] if projections[0] + ".bias" in source.tensors else []
+        qkv = g.linear(x, f"l{i}_qkv_weight", source, [p + ".weight" for p in projections], fmt, bias=biases)
+        attention_in = [qkv, "", ""]
+        if prefix + "self_attn.q_norm.weight" in source.tensors:  # QK-norm: RMSNorm of each head's q and k
+            qkv_split = g.constant("qkv_split", lambda: np.array([heads * head_dim] + [kv_heads * head_dim] * 2,
+                                                                 np.int64))
+            q, k, v = g.op("Split", [qkv, qkv_split], outputs=3, axis=-1)
+            attention_in = [head_norm(q, heads, f"l{i}_q_norm", prefix + "self_attn.q_norm.weight"),
+                            head_norm(k, kv_heads, f"l{i}_k_norm", prefix + "self_attn.k_norm.weight"), v]
         attended, _, _ = g.op("GroupQueryAttention",
-                              [qkv, "", "", io.past_key(i), io.past_value(i), io.DECODER_SEQLENS_K,
+                              attention_in + [io.past_key(i), io.past_value(i), io.DECODER_SEQLENS_K,
                                io.DECODER_TOTAL_SEQUENCE_LENGTH, io.DECODER_ROTARY_COS, io.DECODER_ROTARY_SIN,
                                io.DECODER_CACHE_POSITIONS],
                               outputs=[f"l{i}_attention", io.present_key(i), io.present_value(i)],
@@ -325,6 +357,10 @@ def build_decoder(source: DecoderSource, text: TextConfig, rms_norm_eps: float, 
         gate, up = g.op("Split", [gate_up, mlp_split], outputs=2, axis=-1)
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
         pending = g.linear(activated, f"l{i}_down_weight", source, [prefix + "mlp.down_proj.weight"], fmt)
+        if i < deepstack_layers:  # DeepStack: this layer's output gets the image's features of its vision layer
+            index = g.constant(f"deepstack_{i}", lambda: np.array(i, np.int64))
+            features = g.op("Gather", [io.DECODER_DEEPSTACK_EMBEDS, index], axis=0)  # [1, S, hidden]
+            pending = g.op("Add", [pending, last(features) if i == layers[-1] else features])
         if progress and reused is None:
             progress(f"  decoder layer {i + 1}/{len(layers)} written ({fmt.label}, "
                      f"{time.perf_counter() - started:.1f} s)")

@@ -1,8 +1,8 @@
-"""Checkpoint -> bundle: read a Qwen2-VL / Qwen2.5-VL checkpoint, export its graphs, write the manifest, verify.
+"""Checkpoint -> bundle: read a Qwen-VL checkpoint, export its graphs, write the manifest, verify.
 
 Everything the runtime needs is read from the checkpoint (config.json, generation_config.json,
 preprocessor_config.json, tokenizer.json, the chat template) and recorded in the manifest; nothing is
-hard-coded.
+hard-coded. What differs between model families is read from gemvg.runtime.families.
 
 The export streams: the model is never loaded whole. The vision tower is built alone from the vision
 weights and traced; the token embedding and the decoder are written tensor by tensor from the
@@ -33,26 +33,13 @@ import numpy as np
 
 from gemvg.runtime import bundle_io as io
 from gemvg.runtime.errors import GemvgError
-from gemvg.runtime.manifest import (SCHEMA_VERSION, Limits, Manifest, PromptTemplate, TextConfig, TokenIds,
-                                    VisionConfig, graph_file)
-from gemvg.runtime.preprocess import PreprocessConfig
+from gemvg.runtime.families import Family, UnknownFamilyError, family
+from gemvg.runtime.manifest import SCHEMA_VERSION, Limits, Manifest, PromptTemplate, TokenIds, VisionConfig, graph_file
 
 from .memory import peak_rss_gb, trim_heap
 from .quantize import UPGRADE_BUDGET, WEIGHT_ONLY_BITS
 
-FAMILY_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
-# transformers' vision tower and text model of each family: the parts the export builds alone.
-FAMILY_PARTS = {
-    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
-                 "Qwen2VLTextModel"),
-    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel",
-                   "Qwen2_5_VLTextModel"),
-}
 VISION_INPUTS = io.VISION_INPUTS
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb error threshold
 TARGETS = ("onnxruntime", "tensorrt")
 LOGITS_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max abs difference of last-position logits
 # A weight-only export is checked for its cosine against PyTorch's fp32 logits; under this it is broken,
@@ -109,13 +96,11 @@ def read_json(path: Path) -> dict:
         raise ExportError(f"{path}: not valid JSON ({err})") from None
 
 
-def detect_family(model_dir: Path) -> str:
-    config = read_json(model_dir / "config.json")
-    family = config.get("model_type")
-    if family not in FAMILY_CLASSES:
-        raise ExportError(f"{model_dir}: model_type {family!r} is not supported; gemvg exports "
-                          f"{', '.join(FAMILY_CLASSES)} checkpoints")
-    return family
+def detect_family(model_dir: Path) -> Family:
+    try:
+        return family(read_json(model_dir / "config.json").get("model_type"))
+    except UnknownFamilyError as err:
+        raise ExportError(f"{model_dir}: {err}") from None
 
 
 def read_chat_template(model_dir: Path) -> str:
@@ -159,22 +144,6 @@ def prompt_template(model_dir: Path, template: str) -> PromptTemplate:
     return pieces
 
 
-def read_preprocess(model_dir: Path) -> PreprocessConfig:
-    config = read_json(model_dir / "preprocessor_config.json")
-    size = config.get("size") or {}
-    return PreprocessConfig(
-        min_pixels=int(config.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
-        max_pixels=int(config.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
-        patch_size=int(config.get("patch_size", 14)),
-        temporal_patch_size=int(config.get("temporal_patch_size", 2)),
-        merge_size=int(config.get("merge_size", 2)),
-        image_mean=tuple(float(v) for v in config["image_mean"]),
-        image_std=tuple(float(v) for v in config["image_std"]),
-        rescale_factor=float(config.get("rescale_factor", 1 / 255)),
-        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-    )
-
-
 def read_token_ids(model_dir: Path, model_config) -> TokenIds:
     generation = read_json(model_dir / "generation_config.json") if (model_dir / "generation_config.json").is_file() else {}
     eos = generation.get("eos_token_id", model_config.text_config.eos_token_id)
@@ -189,43 +158,6 @@ def read_token_ids(model_dir: Path, model_config) -> TokenIds:
         eos=tuple(int(t) for t in eos),
         pad=int(pad if pad is not None else eos[0]),
     )
-
-
-def text_and_vision_configs(family: str, config) -> tuple[TextConfig, VisionConfig]:
-    text, vision = config.text_config, config.vision_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    rope = text.rope_parameters or {}
-    text_config = TextConfig(
-        hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
-        num_kv_heads=text.num_key_value_heads, head_dim=head_dim, vocab_size=text.vocab_size,
-        rope_theta=float(rope.get("rope_theta", 1000000.0)),
-        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        max_position_embeddings=text.max_position_embeddings,
-    )
-    if family == "qwen2_vl":
-        width, out_width, window, full = vision.embed_dim, vision.hidden_size, 0, ()
-    else:
-        width, out_width = vision.hidden_size, vision.out_hidden_size
-        window, full = vision.window_size, tuple(vision.fullatt_block_indexes)
-    vision_rope = getattr(vision, "rope_parameters", None) or {}
-    vision_config = VisionConfig(
-        hidden_size=width, out_hidden_size=out_width, num_heads=vision.num_heads,
-        head_dim=width // vision.num_heads, rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-        patch_size=vision.patch_size, spatial_merge_size=vision.spatial_merge_size,
-        window_size=window, fullatt_block_indexes=full,
-    )
-    return text_config, vision_config
-
-
-def load_model(model_dir: Path, family: str):
-    import torch
-    import transformers
-
-    model_cls = getattr(transformers, FAMILY_CLASSES[family])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = model_cls.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -262,16 +194,15 @@ def vision_example(vision: VisionConfig, patch_dim: int, grid: tuple[int, int] |
     return example, [name for name in VISION_INPUTS if example[name] is not None]
 
 
-def load_vision_tower(tensors, config, family: str):
-    """transformers' vision tower of `family` holding only the checkpoint's vision weights, in float32 (the
+def load_vision_tower(tensors, config, of: Family):
+    """transformers' vision tower of a family holding only the checkpoint's vision weights, in float32 (the
     rest of the model is never built)."""
-    import importlib
-
     import torch
     from transformers.initialization import no_init_weights
 
-    module_name, vision_class, _ = FAMILY_PARTS[family]
-    cls = getattr(importlib.import_module(module_name), vision_class)
+    from .reference import hf_class
+
+    cls = hf_class(of, "vision")
     vision_config = config.vision_config
     vision_config._attn_implementation = "eager"
     with no_init_weights(), warnings.catch_warnings():
@@ -285,14 +216,7 @@ def load_vision_tower(tensors, config, family: str):
     return visual.eval()
 
 
-def text_model_class(family: str):
-    import importlib
-
-    module_name, _, text_class = FAMILY_PARTS[family]
-    return getattr(importlib.import_module(module_name), text_class)
-
-
-def export_vision(visual, family: str, vision: VisionConfig, out: Path, opset: int,
+def export_vision(visual, vision: VisionConfig, out: Path, opset: int,
                   target: str = "onnxruntime") -> tuple[list[str], list[str]]:
     """vision.onnx from transformers' vision tower `visual`. For onnxruntime the rotary is ONNX Runtime's
     fused RotaryEmbedding; for tensorrt standard ops only (its parser takes the graph whole)."""
@@ -304,7 +228,11 @@ def export_vision(visual, family: str, vision: VisionConfig, out: Path, opset: i
     patch_dim = visual.patch_embed.in_channels * visual.patch_embed.temporal_patch_size * \
         visual.patch_embed.patch_size ** 2
     fused_rotary = target == "onnxruntime"
-    encoder = VisionEncoder(visual, None if family == "qwen2_vl" else vision.fullatt_block_indexes,
+    if vision.num_position_embeddings:  # Qwen3-VL: learned positions and DeepStack outputs
+        from .vision_export import export_deepstack_vision
+
+        return export_deepstack_vision(visual, vision, out, opset, target)
+    encoder = VisionEncoder(visual, vision.fullatt_block_indexes if vision.window_size > 0 else None,
                             fused_rotary).eval()
     translations = ({torch.ops.gemvg.vision_rotary.default: rotary_translation(vision.num_heads, vision.head_dim)}
                     if fused_rotary else None)
@@ -340,13 +268,13 @@ def resolve_checkpoint(model: str | Path) -> Path:
                           f"cache ({HF_HUB_CACHE}); download it there first (gemvg never downloads)") from None
 
 
-def check_checkpoint(model_dir: Path) -> str:
+def check_checkpoint(model_dir: Path) -> Family:
     """The checkpoint's family, once the files an export reads are known to be there."""
-    family = detect_family(model_dir)
+    of = detect_family(model_dir)
     for needed in ("tokenizer.json", "preprocessor_config.json"):
         if not (model_dir / needed).is_file():
             raise ExportError(f"{model_dir}: checkpoint lacks {needed}")
-    return family
+    return of
 
 
 def streams(options: ExportOptions) -> bool:
@@ -384,23 +312,24 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     if not streams(options):
         return _export_quantized(model_dir, Path(out_dir), options, progress)
     model_dir, out = resolve_checkpoint(model_dir), Path(out_dir)
-    family = check_checkpoint(model_dir)
+    of = check_checkpoint(model_dir)
     fmt = WeightFormat(WEIGHT_ONLY_BITS.get(options.precision), options.block_size, options.accuracy_level)
-    progress(f"reading {family} checkpoint {model_dir} (streamed: one tensor at a time)")
+    progress(f"reading {of.model_type} checkpoint {model_dir} (streamed: one tensor at a time)")
     template = prompt_template(model_dir, read_chat_template(model_dir))
-    preprocess = read_preprocess(model_dir)
+    preprocess = of.preprocess_config(read_json(model_dir / "preprocessor_config.json"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = AutoConfig.from_pretrained(str(model_dir))
-    text, vision = text_and_vision_configs(family, config)
+    config_dict = config.to_dict()  # transformers' defaults filled in
+    text, vision = of.text_config(config_dict), of.vision_config(config_dict)
     tokens = read_token_ids(model_dir, config)
     tensors = CheckpointTensors(model_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     progress("exporting vision encoder (1/3)")
-    visual = load_vision_tower(tensors, config, family)
-    vision_names = export_vision(visual, family, vision, out, options.opset, options.target)
+    visual = load_vision_tower(tensors, config, of)
+    vision_names = export_vision(visual, vision, out, options.opset, options.target)
     vision_precision = "fp32" if options.precision == "fp32" else options.quantize_options().vision
     vision_record = {"scheme": "fp32"}
     if vision_precision == "int8w":
@@ -433,7 +362,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     source = DecoderSource(tensors, tied_embeddings=bool(config.text_config.tie_word_embeddings))
     decoder_inputs, decoder_outputs, written = build_decoder(
         source, text, float(config.text_config.rms_norm_eps), int(config.text_config.intermediate_size),
-        out / "decoder.onnx", fmt, progress=progress)
+        out / "decoder.onnx", fmt, progress=progress, deepstack_layers=len(vision.deepstack_layers))
     progress(f"  decoder.onnx written ({time.perf_counter() - started:.1f} s, peak RSS {peak_rss_gb():.1f} GB)")
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
@@ -445,7 +374,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
                                  "embed_precision": "fp32", "vision": vision_record,
                                  "decoder": weight_only_record(fmt), "calibration": {}}
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, family=family, precision=precision, text=text, vision=vision,
+        schema_version=SCHEMA_VERSION, family=of.model_type, box_syntax=of.box_syntax, precision=precision,
+        text=text, vision=vision,
         preprocess=preprocess, tokens=tokens, prompt=template,
         limits=Limits(max_context=options.max_context or text.max_position_embeddings,
                       max_images=options.max_images, max_image_pixels=preprocess.max_image_pixels,
@@ -459,7 +389,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     )
     manifest.write(out)
     if options.verify:
-        manifest = _verify(out, manifest, tensors, vision_check, family, config, written, fmt, options, progress)
+        manifest = _verify(out, manifest, tensors, vision_check, of, config, written, fmt, options, progress)
     if options.target == "tensorrt" and build_tensorrt:
         from .tensorrt import build_engines
 
@@ -493,16 +423,17 @@ def weight_only_record(fmt) -> dict:
             "lm_head_quantized": True}
 
 
-def _verify(out: Path, manifest: Manifest, tensors, vision_check, family: str, config, written: dict, fmt,
+def _verify(out: Path, manifest: Manifest, tensors, vision_check, of: Family, config, written: dict, fmt,
             options: ExportOptions, progress: Callable[[str], None]) -> Manifest:
     """Check the bundle part by part against PyTorch; an fp32 bundle must match within LOGITS_TOLERANCE,
     a quantized one is reported (its cosine) and must at least keep the logits' direction."""
     from dataclasses import replace
 
+    from .reference import hf_class
     from .verify import verify_bundle
 
     progress("checking the bundle against PyTorch, part by part (streamed)")
-    report = verify_bundle(out, manifest, tensors, vision_check, text_model_class(family), config.text_config,
+    report = verify_bundle(out, manifest, tensors, vision_check, hf_class(of, "text"), config.text_config,
                            written, fmt, options.verify_layers, progress=progress)
     progress(f"  vision features: max relative difference {report.vision_diff:.3g}, cosine {report.vision_cosine:.6f}; "
              f"embedding rows {'identical' if report.embed_exact else 'DIFFER'}")

@@ -76,9 +76,9 @@ def build_report(fp32_dir: str | Path, quant_dir: str | Path, samples, new_token
         ref_cache = reference.new_cache(capacity)
         ref_logits = reference.prefill(prompt, ref_features, ref_cache).copy()
         # The decoder alone: the fp32 embeddings (fp32 vision features) into both decoders.
-        embeds = reference.embed_prompt(prompt, ref_features)
+        embeds, deepstack = reference.prompt_inputs(prompt, ref_features)
         dec_cache = quantized.new_cache(capacity)
-        dec_logits = quantized.run_decoder(embeds, prompt.position_ids[:, None, :], dec_cache).copy()
+        dec_logits = quantized.run_decoder(embeds, prompt.position_ids[:, None, :], dec_cache, deepstack).copy()
         # End to end: quantized vision into the quantized decoder.
         e2e_cache = quantized.new_cache(capacity)
         e2e_logits = quantized.prefill(prompt, q_features, e2e_cache).copy()

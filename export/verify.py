@@ -28,7 +28,7 @@ from gemvg.runtime import bundle_io as io
 from gemvg.runtime.grounding import build_instruction
 from gemvg.runtime.manifest import Manifest
 from gemvg.runtime.preprocess import load_image, preprocess_image
-from gemvg.runtime.prompt import build_prompt
+from gemvg.runtime.prompt import build_prompt, deepstack_embeds
 from gemvg.runtime.rotary import MRopeAngles
 from gemvg.runtime.vision import vision_feeds
 
@@ -88,7 +88,7 @@ def _session(path: Path):
 @dataclass
 class VisionCheck:
     images: list  # the sample images, preprocessed
-    features: list[np.ndarray]  # the bundle's image features, raster order
+    features: list[np.ndarray]  # the bundle's features per image, [1 + deepstack layers, tokens, hidden], raster order
     diff: float  # largest difference against transformers, relative to the largest feature magnitude
     cosine: float  # lowest over the images
 
@@ -104,10 +104,12 @@ def check_vision(vision_graph: Path, preprocess, vision, visual, release: Callab
     references = []
     with torch.no_grad():
         for image in images:
-            reference = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
-            reference = getattr(reference, "pooler_output", reference)
-            references.append((reference[0] if isinstance(reference, tuple) else reference).float().numpy())
-    del reference
+            output = visual(torch.from_numpy(image.pixel_values), grid_thw=torch.tensor([image.grid_thw]))
+            merged = getattr(output, "pooler_output", output)
+            merged = merged[0] if isinstance(merged, tuple) else merged
+            deepstack = list(getattr(output, "deepstack_features", None) or [])
+            references.append(torch.stack([merged, *deepstack]).float().numpy())
+            del output, merged, deepstack
     release()
     session = _session(vision_graph)
     declared = {i.name for i in session.get_inputs()}
@@ -115,13 +117,18 @@ def check_vision(vision_graph: Path, preprocess, vision, visual, release: Callab
     for image, reference in zip(images, references):
         feeds = vision_feeds(image.pixel_values, image.grid_thw, vision)
         inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS if name in declared}
-        (ours,) = session.run(None, inputs)
+        ours = stack_features(session.run(None, inputs))
         if feeds.restore_order is not None:
-            ours = ours[feeds.restore_order]
+            ours = ours[:, feeds.restore_order]
         worst = float(np.max([worst, np.abs(ours - reference).max() / max(1.0, np.abs(reference).max())]))
         lowest = min(lowest, cosine(ours, reference))
         features.append(ours)
     return VisionCheck(images, features, worst, lowest)
+
+
+def stack_features(outputs: list[np.ndarray]) -> np.ndarray:
+    """A vision run's outputs as [1 + deepstack layers, tokens, hidden]: the image features, then DeepStack's."""
+    return np.concatenate([outputs[0][None], *outputs[1:]]) if len(outputs) > 1 else outputs[0][None]
 
 
 def reference_text_model(family_text_class, text_config, tensors: CheckpointTensors, layers: Sequence[int]):
@@ -157,7 +164,7 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
     bundle = Path(bundle_dir)
     layers = list(layers if layers is not None else check_layers(manifest.text.num_layers))
     tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.path))
-    prompt = build_prompt(tokenizer, manifest, build_instruction(query, manifest.family, "direct"),
+    prompt = build_prompt(tokenizer, manifest, build_instruction(query, manifest.box_syntax, "direct"),
                           [image.grid_thw for image in vision.images])
 
     progress("  checking the token embedding against the checkpoint")
@@ -168,16 +175,20 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
     rows = np.stack([tensors.rows(table, int(t), int(t) + 1)[0] for t in unique])
     embed_exact = bool(np.array_equal(embeds[0], rows[np.searchsorted(unique, ids)]))
     for (start, end), image_features in zip(prompt.image_spans, vision.features):
-        embeds[0, start:end] = image_features
+        embeds[0, start:end] = image_features[0]
+    deepstack = deepstack_embeds(prompt, vision.features, 0, len(manifest.vision.deepstack_layers),
+                                 manifest.text.hidden_size)
 
     progress(f"  checking decoder layers {', '.join(map(str, layers))} + final norm + lm_head against transformers")
     source = DecoderSource(tensors, tied_embeddings=text_config.tie_word_embeddings)
     check_path = bundle / CHECK_GRAPH
     try:
         build_decoder(source, manifest.text, float(text_config.rms_norm_eps), int(text_config.intermediate_size),
-                      check_path, fmt, layers=layers, reused=written)
+                      check_path, fmt, layers=layers, reused=written,
+                      deepstack_layers=len(manifest.vision.deepstack_layers))
         session = _session(check_path)
-        ours_prefill, ours_step, next_token = _run_truncated(session, manifest, layers, embeds, prompt, tensors)
+        ours_prefill, ours_step, next_token = _run_truncated(session, manifest, layers, embeds, deepstack, prompt,
+                                                             tensors)
         del session
     finally:
         check_path.unlink(missing_ok=True)
@@ -186,12 +197,20 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
     next_embed = tensors.rows(table, next_token, next_token + 1)[None]
     positions = prompt.position_ids[:, None, :]
     step_positions = np.concatenate([positions, np.full((3, 1, 1), prompt.next_position)], axis=2)
+    extra, step_extra = {}, {}
+    if deepstack is not None:  # DeepStack of the checked layers that take it (the first ones, renumbered)
+        fed = [i for i in layers if i < len(deepstack)]
+        mask = torch.from_numpy(prompt.input_ids == manifest.tokens.image_pad)[None]
+        step_mask = torch.cat([mask, torch.zeros((1, 1), dtype=torch.bool)], dim=1)
+        visual = [torch.from_numpy(deepstack[i, 0][mask[0].numpy()]) for i in fed]
+        extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": visual}
+        step_extra = {"visual_pos_masks": step_mask, "deepstack_visual_embeds": visual}
     with torch.no_grad():
         hidden = model(inputs_embeds=torch.from_numpy(embeds), position_ids=torch.from_numpy(positions),
-                       use_cache=False).last_hidden_state[0, -1].numpy()
+                       use_cache=False, **extra).last_hidden_state[0, -1].numpy()
         step_hidden = model(inputs_embeds=torch.from_numpy(np.concatenate([embeds, next_embed], axis=1)),
                             position_ids=torch.from_numpy(step_positions),
-                            use_cache=False).last_hidden_state[0, -1].numpy()
+                            use_cache=False, **step_extra).last_hidden_state[0, -1].numpy()
     del model
     # The head in row blocks: the float32 lm_head (2.2 GB at 7B) is never held whole.
     head = [(block @ hidden, block @ step_hidden) for _, block in tensors.row_chunks(source.lm_head)]
@@ -204,7 +223,8 @@ def verify_bundle(bundle_dir: str | Path, manifest: Manifest, tensors: Checkpoin
         same_next_token=next_token == int(ref_prefill.argmax()))
 
 
-def _run_truncated(session, manifest: Manifest, layers: Sequence[int], embeds: np.ndarray, prompt,
+def _run_truncated(session, manifest: Manifest, layers: Sequence[int], embeds: np.ndarray,
+                   deepstack: np.ndarray | None, prompt,
                    tensors: CheckpointTensors) -> tuple[np.ndarray, np.ndarray, int]:
     """The truncated decoder's logits for the prompt, and for one decode step (its greedy token) after it."""
     text = manifest.text
@@ -216,7 +236,7 @@ def _run_truncated(session, manifest: Manifest, layers: Sequence[int], embeds: n
     caches = {name: np.zeros((1, text.num_kv_heads, capacity, text.head_dim), np.float32)
               for i in layers for name in (io.past_key(i), io.past_value(i))}
 
-    def run(inputs: np.ndarray, positions: np.ndarray, start: int) -> np.ndarray:
+    def run(inputs: np.ndarray, positions: np.ndarray, start: int, deepstack: np.ndarray | None) -> np.ndarray:
         count = inputs.shape[1]
         rotary.fill(positions, cos[start:start + count], sin[start:start + count])
         feeds = {io.DECODER_INPUTS_EMBEDS: inputs,
@@ -224,14 +244,17 @@ def _run_truncated(session, manifest: Manifest, layers: Sequence[int], embeds: n
                  io.DECODER_SEQLENS_K: np.asarray([start + count - 1], np.int32),
                  io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(start + count, np.int32),
                  io.DECODER_ROTARY_COS: cos, io.DECODER_ROTARY_SIN: sin, **caches}
+        if deepstack is not None:
+            feeds[io.DECODER_DEEPSTACK_EMBEDS] = deepstack
         logits, *presents = session.run(None, feeds)
         names = [o.name for o in session.get_outputs()][1:]
         for name, present in zip(names, presents):  # keep what the pass wrote (present_* -> past_*)
             caches[name.replace("present_", "past_")] = present
         return logits[0, -1]
 
-    prefill = run(embeds, prompt.position_ids, 0)
+    prefill = run(embeds, prompt.position_ids, 0, deepstack)
     token = int(prefill.argmax())
     step_embeds = tensors.rows("text.embed_tokens.weight", token, token + 1)[None]
-    step = run(step_embeds, np.full((3, 1), prompt.next_position, np.int64), length)
+    step = run(step_embeds, np.full((3, 1), prompt.next_position, np.int64), length,
+               None if deepstack is None else np.zeros((len(deepstack), 1, 1, deepstack.shape[-1]), np.float32))
     return prefill, step, token

@@ -18,19 +18,6 @@ from gemvg.runtime import bundle_io as io
 from gemvg.runtime.manifest import VisionConfig
 
 
-def deepstack_vision_config(vision) -> VisionConfig:
-    """The manifest's VisionConfig of a transformers Qwen3VLVisionConfig (`config.vision_config`)."""
-    rope = getattr(vision, "rope_parameters", None) or {}
-    return VisionConfig(
-        hidden_size=vision.hidden_size, out_hidden_size=vision.out_hidden_size, num_heads=vision.num_heads,
-        head_dim=vision.hidden_size // vision.num_heads, rope_theta=float(rope.get("rope_theta", 10000.0)),
-        patch_size=vision.patch_size, spatial_merge_size=vision.spatial_merge_size,
-        window_size=0, fullatt_block_indexes=(),
-        num_position_embeddings=int(vision.num_position_embeddings),
-        deepstack_layers=tuple(int(i) for i in vision.deepstack_visual_indexes),
-    )
-
-
 def export_deepstack_vision(visual, vision: VisionConfig, out: Path, opset: int,
                             target: str = "onnxruntime") -> tuple[list[str], list[str]]:
     """Write out/"vision.onnx" (+ .data) from transformers' Qwen3VLVisionModel `visual` (float32, eager

@@ -109,12 +109,14 @@ def cmd_inspect(args) -> int:
     engine.check_context(len(prompt.input_ids), 1)
     # Every stage as golden vectors for other runtimes (BUNDLE.md names each): per image the vision
     # encoder's feeds and its features, then the prompt, the decoder's per-slot rotary rows and logits.
-    stages = {}
+    stages, features = {}, []
     for index, image in enumerate(inputs.images):
         feeds, _ = engine.vision_inputs(image)
         stages.update({f"image_{index}_vision_{name}": value for name, value in feeds.items()})
-        stages[f"image_{index}_features"] = engine.encode_image(image)
-    features = [stages[f"image_{index}_features"] for index in range(len(inputs.images))]
+        features.append(engine.encode_image(image))
+        stages[f"image_{index}_features"] = features[-1][0]
+        if len(features[-1]) > 1:  # DeepStack
+            stages[f"image_{index}_deepstack_features"] = features[-1][1:]
     cache = engine.new_cache(len(prompt.input_ids))
     logits = engine.prefill(prompt, features, cache)
     np.savez(args.out, pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,

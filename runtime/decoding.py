@@ -73,6 +73,9 @@ class DecoderPasses:
         declared = set(manifest.decoder_graph.inputs) | set(manifest.decoder_graph.outputs)
         missing = [n for n in names + list(io.DECODER_STEP_INPUTS)
                    + [io.DECODER_ROTARY_COS, io.DECODER_ROTARY_SIN, io.DECODER_LOGITS] if n not in declared]
+        self.deepstack_layers = len(manifest.vision.deepstack_layers)
+        if self.deepstack_layers and io.DECODER_DEEPSTACK_EMBEDS not in declared:
+            missing.append(io.DECODER_DEEPSTACK_EMBEDS)
         if missing:
             raise BundleError(f"{where}: decoder graph lacks {missing[0]} (manifest and graph disagree)")
         self.text = manifest.text
@@ -82,22 +85,29 @@ class DecoderPasses:
         text = self.text
         return KVCache(text.num_layers, capacity, text.num_kv_heads, text.head_dim, text.vocab_size)
 
-    def step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
+    def step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                   deepstack: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The decoder's inputs other than the cache buffers and rotary tables, for `embeds` (at M-RoPE
-        `positions`, [3, 1, S]) following the cache's filled prefix; writes the new slots' rotary rows."""
+        `positions`, [3, 1, S]) following the cache's filled prefix; writes the new slots' rotary rows.
+        A DeepStack decoder gets `deepstack` ([layers, 1, S, hidden]), zeros when None (text tokens)."""
         start, count = cache.length, embeds.shape[1]
         total = start + count
         if total > cache.capacity:
             raise InputError(f"KV cache of {cache.capacity} positions cannot hold {total}")
         self.rotary.fill(positions[:, 0], cache.rotary_cos[start:total], cache.rotary_sin[start:total])
-        return {io.DECODER_INPUTS_EMBEDS: embeds,
-                io.DECODER_CACHE_POSITIONS: np.arange(start, total, dtype=np.int64)[None],
-                io.DECODER_SEQLENS_K: np.asarray([total - 1], np.int32),
-                io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(total, np.int32)}
+        feeds = {io.DECODER_INPUTS_EMBEDS: embeds,
+                 io.DECODER_CACHE_POSITIONS: np.arange(start, total, dtype=np.int64)[None],
+                 io.DECODER_SEQLENS_K: np.asarray([total - 1], np.int32),
+                 io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(total, np.int32)}
+        if self.deepstack_layers:
+            feeds[io.DECODER_DEEPSTACK_EMBEDS] = deepstack if deepstack is not None else \
+                np.zeros((self.deepstack_layers, 1, count, embeds.shape[2]), np.float32)
+        return feeds
 
-    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
+    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                      deepstack: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
-        feeds = self.step_feeds(embeds, positions, cache)
+        feeds = self.step_feeds(embeds, positions, cache, deepstack)
         for layer in range(len(cache.keys)):
             feeds[self.past_key_names[layer]] = cache.keys[layer]
             feeds[self.past_value_names[layer]] = cache.values[layer]
@@ -105,7 +115,7 @@ class DecoderPasses:
         return feeds
 
     def run(self, session: ort.InferenceSession, embeds: np.ndarray, positions: np.ndarray,
-            cache: KVCache) -> np.ndarray:
+            cache: KVCache, deepstack: np.ndarray | None = None) -> np.ndarray:
         """One pass of `session` over `embeds` after the cached prefix; returns the last position's logits
         (a view of the cache's logits buffer, valid until its next pass).
 
@@ -114,7 +124,7 @@ class DecoderPasses:
         Those bindings are made once per cache and session (its 4 x layers buffers cost about 0.25 ms to
         bind, 2% of an int4 step); a step binds only its embeddings and positions.
         """
-        feeds = self.step_feeds(embeds, positions, cache)
+        feeds = self.step_feeds(embeds, positions, cache, deepstack)
         binding = cache.bindings.get(session)
         if binding is None:
             binding = cache.bindings[session] = self._bind_cache(session, cache)

@@ -29,7 +29,7 @@ from .errors import BundleError, InputError, PromptTooLongError
 from .grounding import MODES, Box, ImageGeometry, build_instruction, forced_continuation, parse_answer
 from .manifest import Manifest, load_manifest
 from .preprocess import ImageInput, PreparedImage, load_image, preprocess_image
-from .prompt import Prompt, build_prompt
+from .prompt import Prompt, build_prompt, deepstack_embeds
 from .sessions import open_sessions, providers_for, tensorrt_options  # noqa: F401 (the engine's public names)
 from .vision import vision_feeds
 
@@ -141,12 +141,13 @@ class Engine:
         if not isinstance(query, str) or not query.strip():
             raise InputError("the query is empty")
         prepared = self.preprocess(images)
-        text = build_instruction(query, self.manifest.family, mode)
+        text = build_instruction(query, self.manifest.box_syntax, mode)
         prompt = build_prompt(self.tokenizer, self.manifest, text, [image.grid_thw for image in prepared])
         return ModelInputs(prepared, prompt)
 
     def encode_images(self, images: list[PreparedImage]) -> list[np.ndarray]:
-        """Vision features per image, [tokens, hidden] in raster order; one encoder run per new image."""
+        """Vision features per image, [1 + deepstack layers, tokens, hidden] in raster order (the image
+        features, then DeepStack's for a model that has it); one encoder run per new image."""
         features = []
         for image in images:
             cached = self.feature_cache.get(image.key)
@@ -167,9 +168,7 @@ class Engine:
         """The vision encoder's feed for one image (the inputs its graph declares) and the order that
         restores its merged features to raster order (None without window attention)."""
         feeds = vision_feeds(image.pixel_values, image.grid_thw, self.manifest.vision)
-        inputs = {io.VISION_PIXEL_VALUES: feeds.pixel_values, io.VISION_ROTARY_COS: feeds.rotary_cos,
-                  io.VISION_ROTARY_SIN: feeds.rotary_sin, io.VISION_WINDOW_GATHER: feeds.window_gather,
-                  io.VISION_WINDOW_BIAS: feeds.window_bias, io.VISION_WINDOW_SCATTER: feeds.window_scatter}
+        inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS}
         inputs = {k: v for k, v in inputs.items() if k in self._vision_inputs and v is not None}
         missing = sorted(self._vision_inputs - inputs.keys())
         if missing:  # e.g. window_ids: a bundle exported before windowed attention
@@ -179,33 +178,45 @@ class Engine:
 
     def encode_image(self, image: PreparedImage) -> np.ndarray:
         inputs, restore_order = self.vision_inputs(image)
-        (merged,) = self.vision.run(None, inputs)
-        return merged if restore_order is None else merged[restore_order]
+        outputs = self.vision.run(None, inputs)  # image features[, deepstack features]
+        stacked = np.concatenate([outputs[0][None], *outputs[1:]]) if len(outputs) > 1 else outputs[0][None]
+        return stacked if restore_order is None else stacked[:, restore_order]
 
     def embed_prompt(self, prompt: Prompt, features: list[np.ndarray | None], start: int = 0) -> np.ndarray:
         """Embeddings of prompt tokens from `start` on, image tokens replaced by their features."""
         (embeds,) = self.embed.run(None, {io.EMBED_INPUT_IDS: prompt.input_ids[None, start:]})
         for (span_start, span_end), image_features in zip(prompt.image_spans, features):
             if span_end > start:
-                embeds[0, span_start - start:span_end - start] = image_features
+                embeds[0, span_start - start:span_end - start] = image_features[0]
         return embeds
 
-    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> dict[str, np.ndarray]:
-        """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
-        return self.passes.decoder_feeds(embeds, positions, cache)
+    def prompt_inputs(self, prompt: Prompt, features: list[np.ndarray | None],
+                      start: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """The decoder's inputs for prompt tokens from `start` on: their embeddings (image features spliced
+        in) and, for a DeepStack model, DeepStack's input (else None)."""
+        deepstack = deepstack_embeds(prompt, features, start, len(self.manifest.vision.deepstack_layers),
+                                     self.manifest.text.hidden_size)
+        return self.embed_prompt(prompt, features, start), deepstack
 
-    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                      deepstack: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """All of the decoder's inputs for `embeds` following the cache's filled prefix."""
+        return self.passes.decoder_feeds(embeds, positions, cache, deepstack)
+
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
         """One decoder pass over `embeds` after the cached prefix; the last position's logits (a view of
         the cache's logits buffer, valid until its next pass). One-token passes run on the bundle's step
-        decoder when it has one (a weight-only graph; prompts stay on the static-INT8 one)."""
+        decoder when it has one (a weight-only graph; prompts stay on the static-INT8 one). `deepstack`:
+        DeepStack's input for these tokens (zeros when not given: generated tokens are text)."""
         session = self.step_decoder if embeds.shape[1] == 1 else self.decoder
-        return self.passes.run(session, embeds, positions, cache)
+        return self.passes.run(session, embeds, positions, cache, deepstack)
 
     def prefill(self, prompt: Prompt, features: list[np.ndarray | None], cache: KVCache) -> np.ndarray:
         """Run the prompt tokens the cache does not hold yet (all of them for a fresh cache)."""
         start = cache.length
-        embeds = self.embed_prompt(prompt, features, start)
-        return self.run_decoder(embeds, prompt.position_ids[:, None, start:], cache)
+        embeds, deepstack = self.prompt_inputs(prompt, features, start)
+        return self.run_decoder(embeds, prompt.position_ids[:, None, start:], cache, deepstack)
 
     def decode_one_token(self, token: int, position: int, cache: KVCache) -> np.ndarray:
         (embeds,) = self.embed.run(None, {io.EMBED_INPUT_IDS: np.full((1, 1), token, np.int64)})
@@ -278,7 +289,7 @@ class Engine:
 
         text = self.decode_text(tokens)
         geometries = [image.geometry for image in inputs.images]
-        boxes = parse_answer(text, self.manifest.family, geometries)
+        boxes = parse_answer(text, self.manifest.box_syntax, geometries)
         return GroundingResult(boxes, text, tokens, timings, geometries, reused)
 
     def generate(self, logits: np.ndarray, position: int, cache: KVCache, max_new_tokens: int,
@@ -314,7 +325,7 @@ class Engine:
     def forced_tokens(self, tokens: list[int], mode: str) -> list[int]:
         """The token ids of the text the box syntax forces after `tokens`, or [] when nothing is forced
         or the forced text would not tokenize as a continuation (then nothing is skipped)."""
-        forced = forced_continuation(self.decode_text(tokens), self.manifest.family, mode)
+        forced = forced_continuation(self.decode_text(tokens), self.manifest.box_syntax, mode)
         if not forced:
             return []
         tail = tokens[-FORCING_CONTEXT:]  # the forced endings are local: a few tokens of text to tokenize

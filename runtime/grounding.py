@@ -4,14 +4,16 @@ Everything that reads or writes boxes in model text goes through here: the engin
 with `parse_answer`, training renders targets with `format_answer`, and evaluation reuses both, so
 what a model is trained on is exactly what the engine parses.
 
-Two syntaxes, one per model family (as the Qwen2-VL and Qwen2.5-VL model cards write boxes):
+Three box syntaxes, as the Qwen-VL model cards write boxes (gemvg.runtime.families says which family
+writes which; a bundle's manifest records it as `box_syntax`):
 
-* ``qwen2_vl``: ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+* ``ref_tokens`` (Qwen2-VL): ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
   with integer coordinates 0-1000 relative to the image; the image a box lies in is named in words
   before it ("In the second image: ...", "image 2").
-* ``qwen2_5_vl``: a JSON list ``[{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": 2}]``,
+* ``json_pixels`` (Qwen2.5-VL): a JSON list ``[{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": 2}]``,
   often in a ```json fence, coordinates in absolute pixels of the *resized* image; ``image`` is
   1-based like the words of the other syntax.
+* ``json_relative`` (Qwen3-VL): the same JSON with coordinates 0-1000 relative to the image.
 
 In both, an answer may be wrapped as ``<think>...</think><answer>...</answer>`` (chain of thought);
 only the answer part is parsed then.
@@ -26,9 +28,24 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 MODES = ("direct", "cot", "raw")
 NO_TARGET_TEXT = "None"
+
+
+@dataclass(frozen=True)
+class BoxSyntax:
+    """How a model writes boxes: the text form and the coordinate frame."""
+
+    name: str
+    form: str  # "ref_tokens" (special-token boxes) | "json" (bbox_2d objects)
+    relative: bool  # True: integers 0-1000 of the image's width / height; False: pixels of the resized image
+
+
+SYNTAXES = {syntax.name: syntax for syntax in (
+    BoxSyntax("ref_tokens", "ref_tokens", relative=True),
+    BoxSyntax("json_pixels", "json", relative=False),
+    BoxSyntax("json_relative", "json", relative=True),
+)}
 
 
 @dataclass(frozen=True)
@@ -83,38 +100,44 @@ _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 _THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 
 
-def check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise InputError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return family
+def box_syntax(name: str) -> BoxSyntax:
+    """The syntax called `name` (a manifest's box_syntax, a training row's syntax column)."""
+    found = SYNTAXES.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise InputError(f"unknown box syntax {name!r}; expected one of {', '.join(SYNTAXES)}")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
 # Instructions (prompt text added to the query in "direct" and "cot" modes)
 
 _FORMAT_HINT = {
-    "qwen2_vl": (
+    "ref_tokens": (
         "Give every target as <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> "
         "with coordinates from 0 to 1000, each after the image it lies in (\"In the second image: ...\"). "
         f"If nothing matches, answer {NO_TARGET_TEXT}."
     ),
-    "qwen2_5_vl": (
+    "json_pixels": (
         'Give every target as JSON: [{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": n}], '
         "with pixel coordinates and n the number of the image it lies in. If nothing matches, answer []."
+    ),
+    "json_relative": (
+        'Give every target as JSON: [{"bbox_2d": [x1, y1, x2, y2], "label": "...", "image": n}], '
+        "with coordinates from 0 to 1000 and n the number of the image it lies in. If nothing matches, answer []."
     ),
 }
 _COT_HINT = "First think it through inside <think></think>, then give the final answer inside <answer></answer>."
 
 
-def build_instruction(query: str, family: str, mode: str) -> str:
+def build_instruction(query: str, syntax: str, mode: str) -> str:
     """The user text for `query` in a mode: raw sends the query verbatim; direct and cot add the format."""
-    check_family(family)
+    hint = _FORMAT_HINT[box_syntax(syntax).name]
     if mode == "raw":
         return query
     if mode == "direct":
-        return f"{query}\n{_FORMAT_HINT[family]}"
+        return f"{query}\n{hint}"
     if mode == "cot":
-        return f"{query}\n{_FORMAT_HINT[family]}\n{_COT_HINT}"
+        return f"{query}\n{hint}\n{_COT_HINT}"
     raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
@@ -122,21 +145,21 @@ def build_instruction(query: str, family: str, mode: str) -> str:
 # Formatting (targets -> model text), used to build training answers
 
 
-def _to_syntax_coords(box: Box, family: str, geom: ImageGeometry) -> list[int]:
-    if family == "qwen2_vl":
+def _to_syntax_coords(box: Box, syntax: BoxSyntax, geom: ImageGeometry) -> list[int]:
+    if syntax.relative:
         sx, sy = 1000.0 / geom.width, 1000.0 / geom.height
     else:
         sx, sy = geom.resized_width / geom.width, geom.resized_height / geom.height
     return [round(box.x1 * sx), round(box.y1 * sy), round(box.x2 * sx), round(box.y2 * sy)]
 
 
-def format_boxes(boxes: list[Box], family: str, geometries: list[ImageGeometry]) -> str:
-    """The answer text for `boxes` in the family's syntax (NO_TARGET_TEXT / [] when there are none)."""
-    check_family(family)
-    if family == "qwen2_5_vl":
+def format_boxes(boxes: list[Box], syntax: str, geometries: list[ImageGeometry]) -> str:
+    """The answer text for `boxes` in a syntax (NO_TARGET_TEXT / [] when there are none)."""
+    syntax = box_syntax(syntax)
+    if syntax.form == "json":
         items = []
         for box in boxes:
-            item = {"bbox_2d": _to_syntax_coords(box, family, geometries[box.image]), "label": box.label}
+            item = {"bbox_2d": _to_syntax_coords(box, syntax, geometries[box.image]), "label": box.label}
             if len(geometries) > 1:
                 item["image"] = box.image + 1
             items.append(item)
@@ -145,7 +168,7 @@ def format_boxes(boxes: list[Box], family: str, geometries: list[ImageGeometry])
         return NO_TARGET_TEXT
     parts, current_image = [], None
     for box in boxes:
-        x1, y1, x2, y2 = _to_syntax_coords(box, family, geometries[box.image])
+        x1, y1, x2, y2 = _to_syntax_coords(box, syntax, geometries[box.image])
         text = f"<|object_ref_start|>{box.label}<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
         if len(geometries) > 1 and box.image != current_image:
             text = f"In the {_ordinal(box.image)} image: {text}"
@@ -154,10 +177,10 @@ def format_boxes(boxes: list[Box], family: str, geometries: list[ImageGeometry])
     return "\n".join(parts)
 
 
-def format_answer(boxes: list[Box], family: str, geometries: list[ImageGeometry], mode: str = "direct",
+def format_answer(boxes: list[Box], syntax: str, geometries: list[ImageGeometry], mode: str = "direct",
                   reasoning: str = "") -> str:
     """A whole assistant turn: the boxes, wrapped in <think>/<answer> for chain-of-thought mode."""
-    answer = format_boxes(boxes, family, geometries)
+    answer = format_boxes(boxes, syntax, geometries)
     if mode == "cot":
         return f"<think>{reasoning}</think><answer>{answer}</answer>"
     return answer
@@ -189,20 +212,25 @@ def follows_mode(text: str, mode: str) -> bool:
     return "<think>" not in text and "<answer>" not in text
 
 
-def parse_answer(text: str, family: str, geometries: list[ImageGeometry]) -> list[Box]:
+# What a model writes in the other form when it leaves its own (a JSON model may still write special-token
+# boxes, and vice versa): special-token boxes are always relative; JSON from a special-token model is
+# read as Qwen2.5-VL's pixels.
+_OTHER_FORM = {"ref_tokens": SYNTAXES["json_pixels"], "json": SYNTAXES["ref_tokens"]}
+
+
+def parse_answer(text: str, syntax: str, geometries: list[ImageGeometry]) -> list[Box]:
     """Boxes in `text` (a whole completion), mapped to original pixels, clamped to their image.
 
     Boxes naming an image outside `geometries` are dropped; unreadable fragments are skipped.
     """
-    check_family(family)
+    syntax = box_syntax(syntax)
     body = answer_part(text)
-    raw = _parse_qwen2_5(body) if family == "qwen2_5_vl" else _parse_qwen2(body)
-    if not raw and family == "qwen2_5_vl":  # a 2.5 model may still answer in the older syntax, and vice versa
-        raw = [(i, c, lab, "qwen2_vl") for i, c, lab, _ in _parse_qwen2(body)]
-    elif not raw:
-        raw = [(i, c, lab, "qwen2_5_vl") for i, c, lab, _ in _parse_qwen2_5(body)]
+    raw = _PARSERS[syntax.form](body)
+    if not raw:
+        syntax = _OTHER_FORM[syntax.form]
+        raw = _PARSERS[syntax.form](body)
     boxes = []
-    for image, coords, label, syntax in raw:
+    for image, coords, label in raw:
         if image is None or not 0 <= image < len(geometries):
             continue
         box = _to_original(image, coords, label, syntax, geometries[image])
@@ -211,21 +239,21 @@ def parse_answer(text: str, family: str, geometries: list[ImageGeometry]) -> lis
     return boxes
 
 
-def has_parsable_answer(text: str, family: str) -> bool:
-    """Whether the answer part is boxes in the family's own syntax or an explicit no-target answer."""
+def has_parsable_answer(text: str, syntax: str) -> bool:
+    """Whether the answer part is boxes in the syntax's own form or an explicit no-target answer."""
     body = answer_part(text).strip()
-    if family == "qwen2_5_vl":
-        return bool(_parse_qwen2_5(body)) or _strip_fence(body) == "[]"
-    return bool(_parse_qwen2(body)) or body == NO_TARGET_TEXT
+    if box_syntax(syntax).form == "json":
+        return bool(_parse_json(body)) or _strip_fence(body) == "[]"
+    return bool(_parse_ref_tokens(body)) or body == NO_TARGET_TEXT
 
 
-def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: str,
+def _to_original(image: int, coords: tuple[float, ...], label: str, syntax: BoxSyntax,
                  geom: ImageGeometry) -> Box | None:
     """The box in original pixels, corners ordered and clamped to the image; None when a coordinate is
     not a finite number (NaN cannot be clamped; an overflowing "1e400" or 400-digit number is infinite)."""
     if not all(math.isfinite(value) for value in coords):
         return None
-    if syntax == "qwen2_vl":
+    if syntax.relative:
         sx, sy = geom.width / 1000.0, geom.height / 1000.0
     else:
         sx, sy = geom.width / geom.resized_width, geom.height / geom.resized_height
@@ -259,14 +287,14 @@ def _image_mention(segment: str) -> int | None:
     return found
 
 
-def _parse_qwen2(text: str) -> list[tuple[int | None, tuple[float, ...], str, str]]:
+def _parse_ref_tokens(text: str) -> list[tuple[int | None, tuple[float, ...], str]]:
     out, image, last_end = [], 0, 0
     for match in _QWEN2_BOX.finditer(text):
         segment = text[last_end:match.start()]
         if _IMAGE_REF.search(segment):  # a mention, even of an image number no image has, moves the box there
             image = _image_mention(segment)
         coords = tuple(float(match.group(i)) for i in range(2, 6))
-        out.append((image, coords, match.group("label") or "", "qwen2_vl"))
+        out.append((image, coords, match.group("label") or ""))
         last_end = match.end()
     return out
 
@@ -279,7 +307,7 @@ def _strip_fence(text: str) -> str:
     return text.strip()
 
 
-def _parse_qwen2_5(text: str) -> list[tuple[int | None, tuple[float, ...], str, str]]:
+def _parse_json(text: str) -> list[tuple[int | None, tuple[float, ...], str]]:
     out = []
     for obj in _JSON_OBJECT.findall(text):
         bbox = _BBOX_KEY.search(obj)
@@ -290,8 +318,11 @@ def _parse_qwen2_5(text: str) -> list[tuple[int | None, tuple[float, ...], str, 
         label = _json_string(label_match.group(1)) if label_match else ""
         image_match = _IMAGE_KEY.search(obj)
         image = _index(image_match.group(1)) if image_match else 0
-        out.append((image, coords, label, "qwen2_5_vl"))
+        out.append((image, coords, label))
     return out
+
+
+_PARSERS = {"ref_tokens": _parse_ref_tokens, "json": _parse_json}
 
 
 def _json_string(escaped: str) -> str:
@@ -306,30 +337,30 @@ def _json_string(escaped: str) -> str:
 # What the syntax forces: text no choice of the model can change once an answer has begun a box
 
 
-# (what the generated text ends with, what must follow), as `format_boxes` writes each family's boxes.
+# (what the generated text ends with, what must follow), as `format_boxes` writes each form's boxes.
 _FORCED = {
-    "qwen2_vl": (
+    "ref_tokens": (
         (re.compile(r"<\|object_ref_end\|>$"), "<|box_start|>("),
         (re.compile(r"<\|box_start\|>\(\d+,\d+\)$"), ",("),
         (re.compile(r"<\|box_start\|>\(\d+,\d+\),\(\d+,\d+\)$"), "<|box_end|>"),
     ),
-    "qwen2_5_vl": (
+    "json": (
         (re.compile(r'\{"$'), 'bbox_2d": ['),
         (re.compile(r'"bbox_2d": \[\d+, \d+, \d+, \d+\]$'), ', "label": "'),
     ),
 }
 
 
-def forced_continuation(text: str, family: str, mode: str) -> str:
-    """The text the family's box syntax forces after `text` (what has been generated so far), or "".
+def forced_continuation(text: str, syntax: str, mode: str) -> str:
+    """The text the box syntax forces after `text` (what has been generated so far), or "".
 
     Only inside an answer: in chain-of-thought mode after ``<answer>``, never in raw mode (its format is
     the caller's). The engine's jump-forward feeds this text in one decoder pass instead of generating
     it token by token."""
-    check_family(family)
+    form = box_syntax(syntax).form
     if mode == "raw" or (mode == "cot" and "<answer>" not in text):
         return ""
-    for ending, forced in _FORCED[family]:
+    for ending, forced in _FORCED[form]:
         if ending.search(text):
             return forced
     return ""

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import BundleError
-from .grounding import FAMILIES
+from .families import FAMILIES
+from .grounding import SYNTAXES
+from .model_config import TextConfig, VisionConfig
 from .onnx_external import MalformedModel, external_data_locations
 from .preprocess import PreprocessConfig
 
@@ -35,46 +37,13 @@ _RANGES = {
     "text": {"hidden_size": _COUNT, "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024),
              "head_dim": (2, 4096), "vocab_size": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24)},
     "vision": {"hidden_size": _COUNT, "out_hidden_size": _COUNT, "num_heads": (1, 1024), "head_dim": (2, 4096),
-               "patch_size": (1, 1024), "spatial_merge_size": (1, 64), "window_size": (0, 1 << 16)},
+               "patch_size": (1, 1024), "spatial_merge_size": (1, 64), "window_size": (0, 1 << 16),
+               "num_position_embeddings": (0, 1 << 24)},
     "preprocess": {"min_pixels": (1, 1 << 34), "max_pixels": (1, 1 << 34), "patch_size": (1, 1024),
                    "temporal_patch_size": (1, 64), "merge_size": (1, 64), "max_image_pixels": (1, 1 << 34)},
     "limits": {"max_context": (1, 1 << 20), "max_images": (1, 1024), "max_image_pixels": (1, 1 << 34),
                "max_patches_per_image": (1, 1 << 24)},
 }
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rope_theta: float
-    mrope_section: tuple[int, int, int]
-    max_position_embeddings: int
-    # False: frequency j follows the axis of its mrope_section block (Qwen2-VL, Qwen2.5-VL); True: the
-    # axes take turns, t h w t h w ... within each axis' share (Qwen3-VL). See runtime/rotary.py.
-    mrope_interleaved: bool = False
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    hidden_size: int  # width of the vision blocks
-    out_hidden_size: int  # width of the merged features = text hidden size
-    num_heads: int
-    head_dim: int
-    rope_theta: float
-    patch_size: int
-    spatial_merge_size: int
-    window_size: int  # Qwen2.5-VL window attention in pixels; 0 = every block attends to the whole image
-    fullatt_block_indexes: tuple[int, ...]
-    # Qwen3-VL: a learned num_position_embeddings table (a square grid) resampled to each image's grid;
-    # 0 = none (Qwen2-VL, Qwen2.5-VL).
-    num_position_embeddings: int = 0
-    # Qwen3-VL DeepStack: the vision blocks whose merged outputs are added into the first decoder layers.
-    deepstack_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +93,8 @@ class GraphFile:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    family: str
+    family: str  # the checkpoint's model_type (gemvg.runtime.families)
+    box_syntax: str  # how the model writes boxes (gemvg.runtime.grounding.SYNTAXES)
     precision: str
     text: TextConfig
     vision: VisionConfig
@@ -204,6 +174,8 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
         manifest = Manifest(
             schema_version=version,
             family=data["family"],
+            # Bundles written before the syntax was recorded apart from the family: the family's own.
+            box_syntax=data.get("box_syntax") or _family_syntax(data["family"]),
             precision=data["precision"],
             text=_build(TextConfig, data["text"], "text"),
             vision=_build(VisionConfig, data["vision"], "vision"),
@@ -230,6 +202,11 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
+def _family_syntax(name) -> str:
+    known = FAMILIES.get(name) if isinstance(name, str) else None
+    return known.box_syntax if known else ""  # an unknown family is reported by check_fields
+
+
 def check_fields(manifest: Manifest, path: Path) -> None:
     """Every number in range, every name known: a manifest fault is one line at load, not a failure
     deep inside a request."""
@@ -238,6 +215,8 @@ def check_fields(manifest: Manifest, path: Path) -> None:
 
     if manifest.family not in FAMILIES:
         fail(f"unknown model family {manifest.family!r}; this gemvg reads {', '.join(FAMILIES)}")
+    if manifest.box_syntax not in SYNTAXES:
+        fail(f"unknown box syntax {manifest.box_syntax!r}; this gemvg reads {', '.join(SYNTAXES)}")
     for name, entry in [("precision", manifest.precision)] + [
             (f"{graph.path} precision", graph.precision) for graph in manifest.files()]:
         if entry not in PRECISIONS:
@@ -267,6 +246,13 @@ def check_fields(manifest: Manifest, path: Path) -> None:
              f"{text.head_dim // 2}")
     if not all(_is_int(v) and 0 <= v < 1024 for v in _sequence(vision.fullatt_block_indexes)):
         fail(f"vision.fullatt_block_indexes {vision.fullatt_block_indexes!r} are not block numbers")
+    deepstack = _sequence(vision.deepstack_layers)
+    if vision.deepstack_layers and not all(_is_int(v) and 0 <= v < 1024 for v in deepstack):
+        fail(f"vision.deepstack_layers {vision.deepstack_layers!r} are not block numbers")
+    if len(_sequence(vision.deepstack_layers)) > text.num_layers:
+        fail(f"vision.deepstack_layers feeds {len(deepstack)} decoder layers; the decoder has {text.num_layers}")
+    if not isinstance(text.mrope_interleaved, bool):
+        fail(f"text.mrope_interleaved is {text.mrope_interleaved!r}, not true or false")
     tokens = manifest.tokens
     ids = [("image_pad", tokens.image_pad), ("vision_start", tokens.vision_start),
            ("vision_end", tokens.vision_end), ("pad", tokens.pad)]

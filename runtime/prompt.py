@@ -78,3 +78,18 @@ def build_prompt(tokenizer, manifest: Manifest, user_text: str, grids: list[tupl
     positions, spans, next_position = mrope_positions(input_ids, manifest.tokens.image_pad, grids,
                                                       manifest.vision.spatial_merge_size)
     return Prompt(input_ids, positions, spans, next_position)
+
+
+def deepstack_embeds(prompt: Prompt, features: list[np.ndarray | None], start: int, layers: int,
+                     hidden: int) -> np.ndarray | None:
+    """DeepStack's decoder input for the prompt tokens from `start` on, [layers, 1, tokens, hidden]: each
+    image's intermediate vision features (rows 1.. of its [1 + layers, image tokens, hidden] features) at
+    its image tokens, zeros elsewhere. None for a model without DeepStack (layers == 0). Images the first
+    `start` tokens cover (None features) contribute nothing: their keys and values are already cached."""
+    if layers == 0:
+        return None
+    out = np.zeros((layers, 1, len(prompt.input_ids) - start, hidden), np.float32)
+    for (span_start, span_end), image_features in zip(prompt.image_spans, features):
+        if image_features is not None and span_end > start:
+            out[:, 0, span_start - start:span_end - start] = image_features[1:]
+    return out

@@ -1,8 +1,7 @@
 """M-RoPE angles on the host: cos/sin of every cache slot's rotary angles, for the decoder's attention op.
 
 Qwen2-VL's M-RoPE is ordinary rotary embedding (rotate-half convention) in which frequency j turns by the
-position along one axis: the first mrope_section[0] frequencies follow the temporal position, the next
-mrope_section[1] the height, the last mrope_section[2] the width. Text tokens have the same position on
+position along one axis (`mrope_axes`: in blocks for Qwen2-VL / Qwen2.5-VL, interleaved for Qwen3-VL). Text tokens have the same position on
 all three axes. So once each token's cos/sin are known, attention needs no 3-D positions: the decoder's
 GroupQueryAttention rotates q and k itself from per-slot tables the host fills (row i = the token in cache
 slot i), which replaces a Split and two rotary nodes per layer.
@@ -40,6 +39,22 @@ def cos_sin(angles: np.ndarray, cos_out: np.ndarray | None = None,
             else np.sin(angles.astype(np.float64)).astype(np.float32))
 
 
+def mrope_axes(section: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+    """The position axis (0 temporal, 1 height, 2 width) each of the head_dim / 2 frequencies follows.
+
+    Blocked (Qwen2-VL, Qwen2.5-VL): section[0] temporal frequencies, then section[1] height, then
+    section[2] width. Interleaved (Qwen3-VL): the axes take turns, frequency j follows height when
+    j % 3 == 1 and j < 3 * section[1], width when j % 3 == 2 and j < 3 * section[2], else temporal, so
+    that every axis spans low and high frequencies."""
+    if not interleaved:
+        return np.repeat(np.arange(3), section)
+    j = np.arange(sum(section))
+    axis = np.zeros(len(j), np.int64)
+    axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return axis
+
+
 class MRopeAngles:
     """Writes cos/sin rows [head_dim / 2] of tokens from their (temporal, height, width) positions."""
 
@@ -49,7 +64,7 @@ class MRopeAngles:
             raise BundleError(f"manifest text.mrope_section {list(text.mrope_section)} does not sum to "
                               f"head_dim / 2 = {half}")
         self.inv_freq = inverse_frequencies(text.rope_theta, text.head_dim)
-        self.axis = np.repeat(np.arange(3), text.mrope_section)  # frequency j follows positions[axis[j]]
+        self.axis = mrope_axes(text.mrope_section, text.mrope_interleaved)  # frequency j follows positions[axis[j]]
 
     def fill(self, positions: np.ndarray, cos_rows: np.ndarray, sin_rows: np.ndarray) -> None:
         """positions int [3, n] -> cos_rows, sin_rows [n, head_dim / 2], written in place."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints of both families, their bundles, and test images.
+"""Shared fixtures: tiny random checkpoints of every family, their bundles, and test images.
 
 Built once per session in a temporary folder; nothing is downloaded.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")

@@ -60,31 +60,13 @@ def two_images(tmp_path_factory) -> list[Path]:
 
 
 def _transformers_greedy(checkpoint: Path, images: list[Path], text: str, n: int):
-    import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    """transformers' prompt text, input ids, pixel values and n greedy tokens (gemvg.export.reference)."""
+    from gemvg.export.reference import Reference
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    config = json.loads((checkpoint / "preprocessor_config.json").read_text())
-    config.pop("image_processor_type")
-    processed = Qwen2VLImageProcessorPil(**config)(images=[Image.open(p).convert("RGB") for p in images],
-                                                   return_tensors="pt")
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                           chat_template=(checkpoint / "chat_template.jinja").read_text(),
-                                           tokenize=False, add_generation_prompt=True)
-    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    parts = prompt.split(image_token)
-    expanded = parts[0] + "".join(image_token * int(g.prod() // 4) + part
-                                  for g, part in zip(processed["image_grid_thw"], parts[1:]))
-    ids = torch.tensor([tokenizer(expanded)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=processed["pixel_values"],
-                             image_grid_thw=processed["image_grid_thw"],
-                             mm_token_type_ids=(ids == model.config.image_token_id).to(torch.int32),
-                             do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return prompt, ids[0].tolist(), processed["pixel_values"].numpy(), out[0, ids.shape[1]:].tolist()
+    reference = Reference(checkpoint)
+    inputs = reference.inputs(images, text)
+    return (reference.prompt(len(images), text), inputs["input_ids"][0].tolist(), inputs["pixel_values"].numpy(),
+            reference.generate(inputs, n, min_new_tokens=n))
 
 
 def test_built_folder(checkpoint, model_dir):
@@ -107,7 +89,7 @@ def test_built_folder(checkpoint, model_dir):
 def _ort_and_transformers(checkpoint: Path, model_dir: Path, images: list[Path]) -> dict:
     from gemvg.runtime.grounding import build_instruction
 
-    text = build_instruction(bench.QUERY, "qwen2_5_vl", "direct")
+    text = build_instruction(bench.QUERY, "json_pixels", "direct")
     vl = ob.OrtGenaiVL(model_dir, threads=2)
     ort_pixels = vl.inputs(text, images)["pixel_values"].as_numpy()
     ort_ids, ort_tokens = vl.generate(text, images, NEW_TOKENS)
@@ -137,8 +119,8 @@ def test_fp32_greedy_matches_transformers_on_mixed_sizes(checkpoint, model_dir, 
 def test_rewind_follow_up_matches_a_fresh_generator(model_dir, two_images):
     from gemvg.runtime.grounding import build_instruction
 
-    first = build_instruction(bench.QUERY, "qwen2_5_vl", "direct")
-    follow = build_instruction(bench.FOLLOW_UP, "qwen2_5_vl", "direct")
+    first = build_instruction(bench.QUERY, "json_pixels", "direct")
+    follow = build_instruction(bench.FOLLOW_UP, "json_pixels", "direct")
     vl = ob.OrtGenaiVL(model_dir, threads=2)
     _, fresh = vl.generate(follow, two_images, NEW_TOKENS)
     inputs = vl.inputs(first, two_images)

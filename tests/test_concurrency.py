@@ -16,6 +16,8 @@ import pytest
 from gemvg.runtime import Engine
 from gemvg.runtime.caches import FeatureCache
 
+from .conftest import FAMILIES
+
 THREADS = 4
 REQUESTS_PER_THREAD = 8
 
@@ -63,7 +65,7 @@ def run_concurrently(engine_for, batch: list[dict], threads: int) -> list[tuple]
     return results
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_engine_many_threads_answers_as_alone(family, tiny_bundles):
     batch = requests(seed=3)
     alone = []
@@ -81,7 +83,7 @@ def test_one_engine_many_threads_answers_as_alone(family, tiny_bundles):
 
 
 def test_several_engines_in_one_process(tiny_bundles):
-    engines = [Engine.load(tiny_bundles[family], threads=1) for family in ("qwen2_vl", "qwen2_5_vl", "qwen2_vl")]
+    engines = [Engine.load(tiny_bundles[family], threads=1) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")]
     batch = requests(seed=5)[:12]
     alone = [answer(engines[i % 3].ground(r["images"], r["query"], mode=r["mode"], max_new_tokens=r["max_new_tokens"],
                                           min_new_tokens=r["min_new_tokens"])) for i, r in enumerate(batch)]

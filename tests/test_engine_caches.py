@@ -8,8 +8,10 @@ from PIL import Image
 
 from gemvg.runtime import Engine
 
+from .conftest import FAMILIES
 
-@pytest.fixture(params=["qwen2_vl", "qwen2_5_vl"])
+
+@pytest.fixture(params=FAMILIES)
 def bundle(request, tiny_bundles):
     return tiny_bundles[request.param]
 

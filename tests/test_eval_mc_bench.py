@@ -212,12 +212,12 @@ def test_pairs_file_matches_the_coco_file(coco_gt):
         assert coco_gt.imgs[pair.image_ids[0]]["pair_image_id"] == pair.image_ids[1]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_prompt_names_the_description_and_the_familys_syntax(family):
-    prompt = build_prompt("The man who has already swung a golf club", family)
+@pytest.mark.parametrize("syntax", ["ref_tokens", "json_pixels", "json_relative"])
+def test_prompt_names_the_description_and_the_models_syntax(syntax):
+    prompt = build_prompt("The man who has already swung a golf club", syntax)
     assert '"The man who has already swung a golf club"' in prompt and "group 1" in prompt
-    assert ("<|box_start|>" in prompt) == (family == "qwen2_vl")
-    assert ("bbox_2d" in prompt) == (family == "qwen2_5_vl")
+    assert ("<|box_start|>" in prompt) == (syntax == "ref_tokens")
+    assert ("bbox_2d" in prompt) == (syntax != "ref_tokens")
 
 
 def test_conversion_of_a_qwen2_vl_answer_by_hand():
@@ -225,7 +225,7 @@ def test_conversion_of_a_qwen2_vl_answer_by_hand():
             "<|box_end|>\nIn the second image: <|object_ref_start|>group 1<|object_ref_end|><|box_start|>(0,0),"
             "(500,1000)<|box_end|>")
     geometries = [ImageGeometry(800, 531, 812, 532), ImageGeometry(400, 300, 392, 308)]
-    results = response_to_results(text, "qwen2_vl", geometries, (10, 11))
+    results = response_to_results(text, "ref_tokens", geometries, (10, 11))
     assert results == [
         {"image_id": 10, "category_id": 2, "bbox": pytest.approx([80, 106.2, 160, 106.2]), "score": 1.0},
         {"image_id": 11, "category_id": 1, "bbox": pytest.approx([0, 0, 200, 300]), "score": 1.0},
@@ -236,13 +236,13 @@ def test_conversion_of_a_qwen2_5_vl_answer_by_hand():
     # Coordinates are pixels of the resized image: x * 800/812, y * 531/532.
     text = '```json\n[{"bbox_2d": [203, 133, 406, 266], "label": "a golfer", "image": 2}]\n```'
     geometries = [ImageGeometry(800, 531, 812, 532), ImageGeometry(800, 531, 812, 532)]
-    results = response_to_results(text, "qwen2_5_vl", geometries, (10, 11))
+    results = response_to_results(text, "json_pixels", geometries, (10, 11))
     assert results == [{"image_id": 11, "category_id": 1, "score": 1.0,
                         "bbox": pytest.approx([200, 132.75, 200, 132.75], abs=1e-6)}]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_ground_truth_written_in_each_familys_syntax_scores_ap50_1(coco_gt, family):
+@pytest.mark.parametrize("syntax", ["ref_tokens", "json_pixels", "json_relative"])
+def test_ground_truth_written_in_each_syntax_scores_ap50_1(coco_gt, syntax):
     # Positive pairs, leaving out the one holding annotation id 0 (pycocotools' id-0 quirk, tested above).
     pairs = [p for p in load_pairs(PAIRS_FILE) if p.positive and coco_gt.anns[0]["image_id"] not in p.image_ids][:40]
     gt = subset(coco_gt, [p.image_ids for p in pairs])
@@ -252,8 +252,8 @@ def test_ground_truth_written_in_each_familys_syntax_scores_ap50_1(coco_gt, fami
         boxes = [Box(pair.image_ids.index(a["image_id"]), a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                      a["bbox"][1] + a["bbox"][3], f"group {a['category_id']}")
                  for image in pair.image_ids for a in coco_gt.imgToAnns[image]]
-        text = format_boxes(boxes, family, geometries)
-        results += response_to_results(text, family, geometries, pair.image_ids)
+        text = format_boxes(boxes, syntax, geometries)
+        results += response_to_results(text, syntax, geometries, pair.image_ids)
     assert len(results) == len(gt.dataset["annotations"]) > 0
     result = score(gt, results)
     assert result.ap50 == pytest.approx(1.0) and result.image_accuracy == 1.0
@@ -310,10 +310,10 @@ def make_pair_images(root: Path, pairs) -> Path:
 class GroundTruthGrounder:
     """Answers each pair with its ground truth in Qwen2-VL syntax, and records what it was asked."""
 
-    family = "qwen2_vl"
+    syntax = "ref_tokens"
 
     def __init__(self, coco_gt, pairs):
-        self.coco_gt, self.by_prompt, self.calls = coco_gt, {build_prompt(p.text, "qwen2_vl"): p for p in pairs}, []
+        self.coco_gt, self.by_prompt, self.calls = coco_gt, {build_prompt(p.text, "ref_tokens"): p for p in pairs}, []
 
     def answer(self, images, query, max_new_tokens):
         self.calls.append((list(images), query))
@@ -322,7 +322,7 @@ class GroundTruthGrounder:
         boxes = [Box(pair.image_ids.index(a["image_id"]), a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                      a["bbox"][1] + a["bbox"][3], f"group {a['category_id']}")
                  for image in pair.image_ids for a in self.coco_gt.imgToAnns[image]]
-        return eval_cli.ModelAnswer(format_boxes(boxes, "qwen2_vl", geometries), geometries)
+        return eval_cli.ModelAnswer(format_boxes(boxes, "ref_tokens", geometries), geometries)
 
 
 def test_end_to_end_converts_answers_scores_the_chosen_pairs_and_resumes(coco_gt, tmp_path, monkeypatch, capsys):
@@ -335,7 +335,7 @@ def test_end_to_end_converts_answers_scores_the_chosen_pairs_and_resumes(coco_gt
             "--predictions", str(out), "--json"]
     assert eval_cli.main(argv + ["--limit", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [call[1] for call in fake.calls] == [build_prompt(p.text, "qwen2_vl") for p in pairs[:3]]
+    assert [call[1] for call in fake.calls] == [build_prompt(p.text, "ref_tokens") for p in pairs[:3]]
     assert fake.calls[0][0] == [root / name for name in pairs[0].file_names]
     # The scores are those of the converted results on the three pairs' ground truth.
     results = json.loads(out.with_suffix(".coco.json").read_text())
@@ -348,7 +348,7 @@ def test_end_to_end_converts_answers_scores_the_chosen_pairs_and_resumes(coco_gt
     # Rerun with one more pair: only that one is asked.
     assert eval_cli.main(argv + ["--limit", "4"]) == 0
     capsys.readouterr()
-    assert [call[1] for call in fake.calls[3:]] == [build_prompt(pairs[3].text, "qwen2_vl")]
+    assert [call[1] for call in fake.calls[3:]] == [build_prompt(pairs[3].text, "ref_tokens")]
 
 
 def test_end_to_end_with_a_tiny_transformers_checkpoint(tiny_checkpoints, tmp_path, capsys):

@@ -398,7 +398,7 @@ def make_images(root: Path, items, indices) -> Path:
 class FakeGrounder:
     """Answers every item with its ground truth, and records what it was asked."""
 
-    family = "qwen2_vl"
+    syntax = "ref_tokens"
 
     def __init__(self, items):
         self.items, self.calls = items, []

@@ -9,28 +9,31 @@ import pytest
 from gemvg.runtime import Engine
 from gemvg.runtime.grounding import Box, format_answer, forced_continuation
 
+from .conftest import FAMILIES
+
 
 def _geometries(engine, images):
     return [image.geometry for image in engine.prepare(images, "q", "direct").images]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("images", [1, 2])
 def test_forced_text_is_what_the_formatter_writes(family, images, tiny_bundles, image_files):
     """At every point of a trained answer where the syntax forces text, the answer continues with it."""
     engine = Engine.load(tiny_bundles[family])
+    syntax = engine.manifest.box_syntax
     paths = [image_files["rgb.jpg"], image_files["palette.png"]][:images]
     boxes = [Box(images - 1, 3, 4, 30, 40, "red cup"), Box(0, 10, 12, 50, 44, "the lid")]
     for mode in ("direct", "cot"):
-        answer = format_answer(boxes, family, _geometries(engine, paths), mode, reasoning="two {\"things")
+        answer = format_answer(boxes, syntax, _geometries(engine, paths), mode, reasoning="two {\"things")
         forced_at = 0
         for end in range(1, len(answer)):
-            forced = forced_continuation(answer[:end], family, mode)
+            forced = forced_continuation(answer[:end], syntax, mode)
             if forced:
                 assert answer[end:].startswith(forced), (answer[:end], forced)
                 forced_at += 1
-        assert forced_at == (3 if family == "qwen2_vl" else 2) * len(boxes)  # every box, nothing else
-    assert forced_continuation('{"', "qwen2_5_vl", "raw") == ""  # raw prompts are the caller's format
+        assert forced_at == (3 if syntax == "ref_tokens" else 2) * len(boxes)  # every box, nothing else
+    assert forced_continuation('{"', "json_pixels", "raw") == ""  # raw prompts are the caller's format
 
 
 def _run(engine, images, script, forcing):
@@ -50,12 +53,12 @@ def _run(engine, images, script, forcing):
     return tokens, seen
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_jump_forward_skips_forced_tokens_with_the_same_logits(family, tiny_bundles, image_files):
     engine = Engine.load(tiny_bundles[family])
     images = [image_files["rgb.jpg"], image_files["palette.png"]]
     boxes = [Box(1, 3, 4, 30, 40, "cup"), Box(0, 10, 12, 50, 44, "lid")]
-    answer = format_answer(boxes, family, _geometries(engine, images), "direct")
+    answer = format_answer(boxes, engine.manifest.box_syntax, _geometries(engine, images), "direct")
     script = engine.tokenizer.encode(answer, add_special_tokens=False).ids + [sorted(engine.eos)[0]]
 
     plain, plain_logits = _run(engine, images, script, forcing=None)

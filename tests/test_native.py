@@ -29,7 +29,8 @@ from gemvg.runtime.grounding import ImageGeometry, format_answer, Box, parse_ans
 from gemvg.runtime.preprocess import load_image, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # the native runtime's (no DeepStack, no interleaved M-RoPE yet)
+SYNTAX = {"qwen2_vl": "ref_tokens", "qwen2_5_vl": "json_pixels"}  # the box syntax it reads for each
 
 
 def _run(command: list, what: str) -> None:
@@ -366,8 +367,8 @@ PARSE_TEXTS = [
     "<think>the third image has it</think><answer>[{\"bbox_2d\": [1.5, 2, 30, 40.25], \"label\": \" dog \"}]</answer>",
     "In the Third Image: (10, 20), (30, 40) then 2nd picture (-5,-5),(2000,2000) image #9 (1,1),(2,2)",
     "nothing here", "None", "[]", "<answer>unfinished (1,2),(3,4)",
-    format_answer([Box(0, 10, 20, 300, 400, "cat"), Box(2, 5, 5, 50, 40, "dog")], "qwen2_vl", GEOMETRIES, "cot", "x"),
-    format_answer([Box(1, 10, 20, 30, 40, "ü")], "qwen2_5_vl", GEOMETRIES),
+    format_answer([Box(0, 10, 20, 300, 400, "cat"), Box(2, 5, 5, 50, 40, "dog")], "ref_tokens", GEOMETRIES, "cot", "x"),
+    format_answer([Box(1, 10, 20, 30, 40, "ü")], "json_pixels", GEOMETRIES),
 ]
 
 
@@ -377,7 +378,8 @@ def test_box_parser_matches_python(native_build):
              for text in PARSE_TEXTS for family in FAMILIES]
     ours = check_tool(native_build, "parse", stdin=items)
     for item, boxes in zip(items, ours):
-        expected = [[b.image, b.x1, b.y1, b.x2, b.y2, b.label] for b in parse_answer(item["text"], item["family"],
+        expected = [[b.image, b.x1, b.y1, b.x2, b.y2, b.label] for b in parse_answer(item["text"],
+                                                                                      SYNTAX[item["family"]],
                                                                                       GEOMETRIES)]
         assert boxes == expected, item
 

@@ -4,7 +4,7 @@ ordered and inside the image it names.
 A seeded generator writes answers in both syntaxes from hostile pieces (bad JSON escapes, lone
 surrogates, NaN, 1e400, 400-digit numbers, inverted and out-of-image boxes, image numbers out of range,
 deep brackets, thousands of boxes) and a mutator cuts, repeats and splices them; each text is parsed as
-either family (each family's parser falls back to the other syntax).
+every box syntax (each falls back to the other form).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from gemvg.runtime.grounding import (FAMILIES, ImageGeometry, answer_part, format_answer, has_parsable_answer,
+from gemvg.runtime.grounding import (SYNTAXES, ImageGeometry, answer_part, format_answer, has_parsable_answer,
                                      last_image_mention, parse_answer)
 from gemvg.runtime.grounding import Box
 
@@ -107,21 +107,21 @@ def check_boxes(boxes: list[Box], geometries: list[ImageGeometry], text: str) ->
 def test_thousands_of_hostile_answers_never_raise_and_every_box_is_inside_its_image():
     start, boxes_seen = time.perf_counter(), 0
     for text in hostile_texts(seed=15, count=CASES):
-        for family, geometries in zip(FAMILIES, (GEOMETRIES, GEOMETRIES[:1]) if len(text) % 2 else
-                                          (GEOMETRIES[:1], GEOMETRIES)):
-            boxes = parse_answer(text, family, geometries)
+        for index, syntax in enumerate(SYNTAXES):
+            geometries = GEOMETRIES if (len(text) + index) % 2 else GEOMETRIES[:1]
+            boxes = parse_answer(text, syntax, geometries)
             check_boxes(boxes, geometries, text)
             boxes_seen += len(boxes)
-            has_parsable_answer(text, family)
+            has_parsable_answer(text, syntax)
         answer_part(text)
         last_image_mention(text)
     elapsed = time.perf_counter() - start
     assert boxes_seen > CASES  # the generator does write readable boxes, not only noise
-    print(f"{CASES} texts x {len(FAMILIES)} families in {elapsed:.1f} s, {boxes_seen} boxes")
+    print(f"{CASES} texts x {len(SYNTAXES)} syntaxes in {elapsed:.1f} s, {boxes_seen} boxes")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_named_hostile_answers(family):
+@pytest.mark.parametrize("syntax", ["ref_tokens", "json_pixels"])  # JSON in pixels: the first's fallback too
+def test_named_hostile_answers(syntax):
     one = [GEOMETRIES[0]]
     cases = {
         '[{"bbox_2d": [1, 2, 30, 40], "label": "a\\xb"}]': [Box(0, 1 * 640 / 644, 2 * 480 / 476, 30 * 640 / 644,
@@ -136,12 +136,12 @@ def test_named_hostile_answers(family):
         "[" * 10000 + "]" * 10000: [],
     }
     for text, expected in cases.items():
-        assert parse_answer(text, family, one) == expected, text[:80]
+        assert parse_answer(text, syntax, one) == expected, text[:80]
 
 
 def test_round_trip_still_exact_after_hardening():
     boxes = [Box(0, 10.0, 20.0, 300.0, 400.0, "cup"), Box(1, 1.0, 2.0, 30.0, 500.0, "b\"o\\x")]
     geometries = GEOMETRIES[:2]
-    for family in FAMILIES:
-        parsed = parse_answer(format_answer(boxes, family, geometries), family, geometries)
+    for syntax in SYNTAXES:
+        parsed = parse_answer(format_answer(boxes, syntax, geometries), syntax, geometries)
         assert [box.image for box in parsed] == [0, 1] and [box.label for box in parsed] == ["cup", "b\"o\\x"]

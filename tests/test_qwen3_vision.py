@@ -51,7 +51,7 @@ def tower():
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    from gemvg.export.vision_export import deepstack_vision_config
+    from gemvg.runtime.families import family
 
     config = Qwen3VLVisionConfig(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
                                  num_position_embeddings=SIDE * SIDE, deepstack_visual_indexes=[1, 2], patch_size=16,
@@ -59,7 +59,7 @@ def tower():
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     visual = Qwen3VLVisionModel(config).to(torch.float32).eval()
-    return visual, deepstack_vision_config(config)
+    return visual, family("qwen3_vl").read_vision(config.to_dict())
 
 
 def test_vision_feeds_carry_positions_and_no_windows(tower):

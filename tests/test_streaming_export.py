@@ -16,7 +16,7 @@ from gemvg.export.safetensors_io import (DTYPES, CheckpointError, CheckpointTens
                                          write_sharded)
 from gemvg.runtime.cli import main as gemvg
 
-from .hf_reference import hf_generate, hf_inputs, load_hf_model
+from gemvg.export.reference import Reference
 
 
 def test_safetensors_round_trip_in_every_stored_type(tmp_path):
@@ -98,9 +98,8 @@ def test_bf16_sharded_hub_checkpoint_exports_and_matches_transformers(hub_layout
             "--max-new-tokens", "16"] + [arg for path in paths for arg in ("--image", str(path))]
     assert gemvg(argv) == 0
     ours = json.loads(capsys.readouterr().out)["token_ids"]
-    reference = hf_generate(load_hf_model(hub_layout_checkpoint), hf_inputs(hub_layout_checkpoint, paths, "the cup"),
-                            16)
-    assert ours == reference and len(set(ours)) > 1
+    reference = Reference(hub_layout_checkpoint)
+    assert ours == reference.generate(reference.inputs(paths, "the cup"), 16) and len(set(ours)) > 1
 
 
 @pytest.mark.parametrize("precision, bits", [("int4", 4), ("int8w", 8)])

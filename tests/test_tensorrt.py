@@ -37,7 +37,7 @@ DECODER_OUTPUTS = (("logits",) + tuple(f"present_key_{i}" for i in range(LAYERS)
 def make_manifest(precision: str = "int8", max_context: int = 4096, max_patches: int = 5120,
                   min_pixels: int = 3136) -> Manifest:
     return Manifest(
-        schema_version=SCHEMA_VERSION, family="qwen2_5_vl", precision=precision,
+        schema_version=SCHEMA_VERSION, family="qwen2_5_vl", box_syntax="json_pixels", precision=precision,
         text=TextConfig(hidden_size=896, num_layers=LAYERS, num_heads=14, num_kv_heads=2, head_dim=64, vocab_size=320,
                         rope_theta=1e6, mrope_section=(8, 12, 12), max_position_embeddings=32768),
         vision=VisionConfig(hidden_size=640, out_hidden_size=896, num_heads=10, head_dim=64, rope_theta=1e4,

@@ -299,22 +299,23 @@ def test_synth_covers_every_task_type_with_valid_boxes(tmp_path):
     assert max(len(s.images) for s in samples) >= 5 and min(len(s.images) for s in samples) == 1
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("syntax", ["ref_tokens", "json_pixels", "json_relative"])
 @pytest.mark.parametrize("resize", [ResizeSettings(28, 56 * 56, 28 * 28 * 1280), ResizeSettings(28, 56 * 56, 28 * 28 * 64)])
-def test_synth_round_trips_through_the_runtime_formatter_and_parser(family, resize):
+def test_synth_round_trips_through_the_runtime_formatter_and_parser(syntax, resize):
     for index in range(40):
         sample = make_sample(index, seed=3).sample
         geometries = [ImageGeometry(w, h, *resize.resized(w, h)) for w, h in sample.image_sizes]
         for mode in ("direct", "cot"):
-            text = format_answer(sample.targets, family, geometries, mode, sample.reasoning)
-            parsed = parse_answer(text, family, geometries)
-            assert format_answer(parsed, family, geometries, mode, sample.reasoning) == text
+            text = format_answer(sample.targets, syntax, geometries, mode, sample.reasoning)
+            parsed = parse_answer(text, syntax, geometries)
+            assert format_answer(parsed, syntax, geometries, mode, sample.reasoning) == text
             assert len(parsed) == len(sample.targets)
             for got, want in zip(parsed, sample.targets):
                 geom = geometries[want.image]
                 # One unit of the syntax: a thousandth of the image, or one resized pixel.
-                step_x = geom.width / 1000 if family == "qwen2_vl" else geom.width / geom.resized_width
-                step_y = geom.height / 1000 if family == "qwen2_vl" else geom.height / geom.resized_height
+                relative = syntax != "json_pixels"
+                step_x = geom.width / 1000 if relative else geom.width / geom.resized_width
+                step_y = geom.height / 1000 if relative else geom.height / geom.resized_height
                 assert (got.image, got.label) == (want.image, want.label)
                 assert abs(got.x1 - want.x1) <= step_x / 2 + 1e-9 and abs(got.x2 - want.x2) <= step_x / 2 + 1e-9
                 assert abs(got.y1 - want.y1) <= step_y / 2 + 1e-9 and abs(got.y2 - want.y2) <= step_y / 2 + 1e-9

@@ -89,8 +89,8 @@ def test_trl_collator_on_our_rows_multi_image_answer_only_loss(workspace):
         labelled = processor.tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100])
         assert labelled == answers[i] + "<|im_end|>\n"  # the loss sees the answer and its end token, nothing else
         geometries = _geometries(sample, inputs.resize)
-        assert answers[i] == format_answer(sample.targets, "qwen2_vl", geometries, modes[i], sample.reasoning)
-        assert prompts[i] == build_instruction(sample.query, "qwen2_vl", modes[i])
+        assert answers[i] == format_answer(sample.targets, "ref_tokens", geometries, modes[i], sample.reasoning)
+        assert prompts[i] == build_instruction(sample.query, "ref_tokens", modes[i])
         prompt = processor.tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i] == 1])
         assert prompt.count("<|vision_start|>") == len(sample.images)
 

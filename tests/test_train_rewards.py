@@ -25,12 +25,12 @@ def q2(image_words: str, x1: int, y1: int, x2: int, y2: int, label: str = "x") -
             f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
 
 
-def accuracy(completion, targets, family="qwen2_vl", geometries=GEOMETRIES) -> float:
-    return accuracy_reward([completion], [targets], [geometries], [family])[0]
+def accuracy(completion, targets, syntax="ref_tokens", geometries=GEOMETRIES) -> float:
+    return accuracy_reward([completion], [targets], [geometries], [syntax])[0]
 
 
-def fmt(completion, mode, family="qwen2_vl") -> float:
-    return format_reward([completion], [mode], [family])[0]
+def fmt(completion, mode, syntax="ref_tokens") -> float:
+    return format_reward([completion], [mode], [syntax])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,12 +83,12 @@ def test_degenerate_boxes_score_zero():
 # accuracy reward
 
 
-def test_accuracy_exact_answer_from_formatter_scores_one_for_both_families():
+def test_accuracy_exact_answer_from_formatter_scores_one_for_every_syntax():
     targets = [Box(1, *CAT[1:], "cat"), Box(0, *DOG[1:], "dog")]
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for syntax in ("ref_tokens", "json_pixels", "json_relative"):
         for mode in ("direct", "cot"):
-            text = format_answer(targets, family, GEOMS, mode, reasoning="looking")
-            assert accuracy(text, [CAT, DOG], family) == pytest.approx(1.0, abs=0.02)
+            text = format_answer(targets, syntax, GEOMS, mode, reasoning="looking")
+            assert accuracy(text, [CAT, DOG], syntax) == pytest.approx(1.0, abs=0.02)
 
 
 def test_accuracy_wrong_image_scores_zero():
@@ -108,8 +108,8 @@ def test_accuracy_multi_target_partial():
 def test_accuracy_qwen2_5_maps_resized_pixels_back():
     # CAT is (10,10)-(50,50) in a 100x100 image resized to 112x112.
     text = '```json\n[{"bbox_2d": [11, 11, 56, 56], "label": "cat", "image": 2}]\n```'
-    assert accuracy(text, [CAT], "qwen2_5_vl") == pytest.approx(1.0, abs=0.03)
-    assert accuracy(text.replace('"image": 2', '"image": 1'), [CAT], "qwen2_5_vl") == 0.0
+    assert accuracy(text, [CAT], "json_pixels") == pytest.approx(1.0, abs=0.03)
+    assert accuracy(text.replace('"image": 2', '"image": 1'), [CAT], "json_pixels") == 0.0
 
 
 def test_accuracy_empty_and_malformed():
@@ -134,7 +134,7 @@ def test_conversational_completions_and_extra_columns():
     assert completion_text(completion) == text == completion_text(parts)
     # TRL passes prompts, completion ids, the trainer state and every dataset column as keywords.
     scores = accuracy_reward([completion, parts], targets=[[CAT], [CAT]], geometries=[GEOMETRIES] * 2,
-                             family=["qwen2_vl"] * 2, prompts=[[], []], completion_ids=[[1], [2]],
+                             syntax=["ref_tokens"] * 2, prompts=[[], []], completion_ids=[[1], [2]],
                              trainer_state=None, images=[[], []], task=["t", "t"], mode=["direct"] * 2)
     assert scores == [pytest.approx(1.0), pytest.approx(1.0)]
 
@@ -159,8 +159,8 @@ def test_format_needs_a_parsable_answer():
     assert fmt("<think>hm</think><answer>somewhere</answer>", "cot") == 0.0
     assert fmt("None", "direct") == 1.0  # explicit no-target answer
     assert fmt("<think>no cat</think><answer>None</answer>", "cot") == 1.0
-    assert fmt("```json\n[]\n```", "direct", "qwen2_5_vl") == 1.0
-    assert fmt('[{"bbox_2d": [1, 2, 30, 40], "label": "cat"}]', "direct", "qwen2_5_vl") == 1.0
+    assert fmt("```json\n[]\n```", "direct", "json_pixels") == 1.0
+    assert fmt('[{"bbox_2d": [1, 2, 30, 40], "label": "cat"}]', "direct", "json_pixels") == 1.0
     assert fmt("<|box_start|>(1,2),(3", "direct") == 0.0
 
 

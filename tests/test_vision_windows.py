@@ -76,11 +76,11 @@ def test_no_window_inputs_without_window_attention():
 
 @pytest.fixture(scope="module")
 def qwen25(tiny_checkpoints):
-    from gemvg.export.exporter import load_model, text_and_vision_configs
+    from gemvg.export.reference import load_model
+    from gemvg.runtime.families import family
 
-    model = load_model(tiny_checkpoints["qwen2_5_vl"], "qwen2_5_vl")
-    _, vision = text_and_vision_configs("qwen2_5_vl", model.config)
-    return model, vision
+    model = load_model(tiny_checkpoints["qwen2_5_vl"], "eager")
+    return model, family("qwen2_5_vl").vision_config(model.config.to_dict())
 
 
 def masked_full_encoder(encoder, pixel_values, cos, sin, ids):
@@ -174,17 +174,19 @@ def test_vision_rotary_fused_for_onnxruntime_standard_for_tensorrt(tiny_checkpoi
     standard ops only; both compute the same features."""
     import onnxruntime as ort
 
-    from gemvg.export.exporter import export_vision, load_model, text_and_vision_configs, vision_example
+    from gemvg.export.exporter import export_vision, vision_example
+    from gemvg.export.reference import load_model
     from gemvg.export.tensorrt import contrib_ops
+    from gemvg.runtime.families import family as family_named
 
     checkpoint = tiny_checkpoints[family]
-    model = load_model(checkpoint, family)
-    text, vision = text_and_vision_configs(family, model.config)
+    model = load_model(checkpoint, "eager")
+    vision = family_named(family).vision_config(model.config.to_dict())
     outputs = {}
     for target in ("onnxruntime", "tensorrt"):
         out = tmp_path / target
         out.mkdir()
-        export_vision(model.model.visual, family, vision, out, 18, target)
+        export_vision(model.model.visual, vision, out, 18, target)
         graph = out / "vision.onnx"
         assert contrib_ops(graph) == (["RotaryEmbedding"] if target == "onnxruntime" else [])
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])

@@ -11,9 +11,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemvg.runtime.families import Family, UnknownFamilyError, family
+
 from .schema import DataError
 
-MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 # Everything besides the weights and config.json that a checkpoint needs to be used (and exported) as is.
 COMPANION_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -23,7 +24,7 @@ COMPANION_FILES = (
 
 
 class CheckpointError(DataError):
-    """A model directory that is missing or not a Qwen2-VL / Qwen2.5-VL checkpoint."""
+    """A model directory that is missing or not a checkpoint of a family gemvg knows."""
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -39,14 +40,15 @@ def read_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from err
 
 
-def checkpoint_family(model_dir: str | Path, require_processor: bool = True) -> str:
-    """The box-syntax family ("qwen2_vl" / "qwen2_5_vl") of a checkpoint, from its config's model_type."""
-    model_type = read_config(model_dir).get("model_type", "")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+def checkpoint_family(model_dir: str | Path, require_processor: bool = True) -> Family:
+    """A checkpoint's model family (gemvg.runtime.families), from its config's model_type."""
+    try:
+        found = family(read_config(model_dir).get("model_type", ""))
+    except UnknownFamilyError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from None
     if require_processor and not (Path(model_dir) / "preprocessor_config.json").is_file():
         raise CheckpointError(f"{model_dir} has no preprocessor_config.json")
-    return MODEL_TYPES[model_type]
+    return found
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,14 @@ class ResizeSettings:
             config = json.loads(path.read_text())
         except FileNotFoundError as err:
             raise CheckpointError(f"{model_dir} has no preprocessor_config.json") from err
-        size = config.get("size") or {}
-        min_pixels = config.get("min_pixels", size.get("shortest_edge", 56 * 56))
-        max_pixels = config.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
-        factor = int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
-        return cls(factor=factor, min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+        # Read as the exporter reads it, so that training resizes as the engine will.
+        pre = checkpoint_family(model_dir, require_processor=False).preprocess_config(config)
+        return cls(factor=pre.factor, min_pixels=pre.min_pixels, max_pixels=pre.max_pixels)
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """(resized_width, resized_height) of an image, by Qwen's smart_resize."""
-        try:  # the runtime's copy, so train and engine cannot disagree
-            from gemvg.runtime.preprocess import smart_resize
-        except ImportError:  # runtime preprocessing not installed yet: transformers' reference
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from gemvg.runtime.preprocess import smart_resize  # the engine's own, so train and engine cannot disagree
+
         h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return w, h
 
@@ -112,10 +110,10 @@ def load_processor(model_dir: str | Path):
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    family = checkpoint_family(model_dir, require_processor=False)
-    model_cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    from gemvg.export.reference import hf_class
+
+    model_cls = hf_class(checkpoint_family(model_dir, require_processor=False), "model")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     return model_cls.from_pretrained(model_dir, dtype=torch_dtype)
 

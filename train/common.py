@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemvg.runtime.families import Family
+
 from .checkpoint import ResizeSettings, build_export_checkpoint, checkpoint_family, copy_companion_files
 from .config import ConfigError, RunConfig
 from .curves import save_curves
@@ -19,7 +21,7 @@ from .schema import DataError, read_jsonl
 
 @dataclass
 class RunInputs:
-    family: str
+    family: Family
     resize: ResizeSettings
     policy: HybridPolicy
     samples: list
@@ -44,7 +46,7 @@ def check_inputs(model_dir: str | Path, data_path: str | Path, config: RunConfig
 
 
 def dataset_for(inputs: RunInputs, with_completion: bool):
-    options = RowOptions(family=inputs.family, policy=inputs.policy, resize=inputs.resize,
+    options = RowOptions(syntax=inputs.family.box_syntax, policy=inputs.policy, resize=inputs.resize,
                          with_completion=with_completion)
     return build_dataset(inputs.samples, options)
 
@@ -54,7 +56,7 @@ def describe_run(stage: str, model_dir, data_path, inputs: RunInputs, dataset, c
     modes = ", ".join(f"{mode} {count}" for mode, count in sorted(Counter(dataset["mode"]).items()))
     lora = f", LoRA r={config.lora.r}" if config.lora.enabled else ""
     return (f"gemvg-train {stage}: {len(dataset)} samples from {data_path} ({modes}), "
-            f"model {model_dir} ({inputs.family}){lora}")
+            f"model {model_dir} ({inputs.family.model_type}){lora}")
 
 
 def trainer_args(config_cls, output_dir: str | Path, config: RunConfig, max_steps: int | None, defaults: dict):

@@ -2,10 +2,10 @@
 
 One row per sample:
 * `images`: the image files (decoded to PIL by `datasets` only when a batch needs them);
-* `prompt`: one user turn whose text is `build_instruction(query, family, mode)`; TRL puts the images
+* `prompt`: one user turn whose text is `build_instruction(query, syntax, mode)`; TRL puts the images
   before the text, as the runtime's prompt does;
-* `completion` (SFT): the assistant turn, `format_answer(targets, family, geometries, mode, reasoning)`;
-* `mode`, `family`, `task`, `targets` ([image, x1, y1, x2, y2]), `geometries` ([w, h, resized w, resized h]).
+* `completion` (SFT): the assistant turn, `format_answer(targets, syntax, geometries, mode, reasoning)`;
+* `mode`, `syntax` (the model family's box syntax), `task`, `targets` ([image, x1, y1, x2, y2]), `geometries` ([w, h, resized w, resized h]).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .schema import Sample, read_image_size
 
 @dataclass(frozen=True)
 class RowOptions:
-    family: str
+    syntax: str  # gemvg.runtime.grounding.SYNTAXES name: the model family's box syntax
     policy: HybridPolicy
     resize: ResizeSettings
     with_completion: bool  # SFT: the target answer; GRPO: the model writes it
@@ -45,15 +45,15 @@ def sample_row(sample: Sample, options: RowOptions) -> dict:
         mode = "direct"
     row = {
         "images": list(sample.images),
-        "prompt": [{"role": "user", "content": build_instruction(sample.query, options.family, mode)}],
+        "prompt": [{"role": "user", "content": build_instruction(sample.query, options.syntax, mode)}],
         "mode": mode,
-        "family": options.family,
+        "syntax": options.syntax,
         "task": sample.task,
         "targets": [[float(b.image), b.x1, b.y1, b.x2, b.y2] for b in sample.targets],
         "geometries": [[g.width, g.height, g.resized_width, g.resized_height] for g in geometries],
     }
     if options.with_completion:
-        answer = format_answer(sample.targets, options.family, geometries, mode, sample.reasoning)
+        answer = format_answer(sample.targets, options.syntax, geometries, mode, sample.reasoning)
         row["completion"] = [{"role": "assistant", "content": answer}]
     return row
 
@@ -67,7 +67,7 @@ def to_dataset(rows: list[dict]):
         "images": List(Image()),
         "prompt": turn,
         "mode": Value("string"),
-        "family": Value("string"),
+        "syntax": Value("string"),
         "task": Value("string"),
         "targets": List(List(Value("float64"))),
         "geometries": List(List(Value("int64"))),

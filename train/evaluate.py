@@ -1,6 +1,6 @@
 """Held-out grounding accuracy of a checkpoint (transformers, greedy) or a bundle (the runtime Engine).
 
-Both are prompted as training prompted them (`build_instruction(query, family, mode)`) and read by
+Both are prompted as training prompted them (`build_instruction(query, syntax, mode)`) and read by
 the runtime's `parse_answer`. Scores, per sample with targets:
 
 * Acc@0.5: the first predicted box lies in a target's image and has IoU >= 0.5 with that target;
@@ -93,7 +93,7 @@ def predict_checkpoint(model_dir: str | Path, samples: list[Sample], mode: str =
 
     from .checkpoint import checkpoint_family, load_model, load_processor
 
-    family = checkpoint_family(model_dir)
+    syntax = checkpoint_family(model_dir).box_syntax
     model = load_model(model_dir).eval()
     processor = load_processor(model_dir)
     tokenizer = processor.tokenizer
@@ -103,7 +103,7 @@ def predict_checkpoint(model_dir: str | Path, samples: list[Sample], mode: str =
     for done, sample in enumerate(samples, 1):
         pictures = [Image.open(p).convert("RGB") for p in sample.images]
         content = [{"type": "image"} for _ in pictures]
-        content.append({"type": "text", "text": build_instruction(sample.query, family, mode)})
+        content.append({"type": "text", "text": build_instruction(sample.query, syntax, mode)})
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                tokenize=False)
         inputs = processor(text=[prompt], images=pictures, return_tensors="pt")
@@ -115,7 +115,7 @@ def predict_checkpoint(model_dir: str | Path, samples: list[Sample], mode: str =
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         geometries = [ImageGeometry(p.width, p.height, int(grid[2]) * patch, int(grid[1]) * patch)
                       for p, grid in zip(pictures, inputs["image_grid_thw"])]
-        predictions.append(parse_answer(text, family, geometries))
+        predictions.append(parse_answer(text, syntax, geometries))
         texts.append(text)
         _progress(done, len(samples), started)
     return predictions, texts

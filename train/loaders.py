@@ -106,7 +106,7 @@ def load_mgrounding(path: str | Path, image_root: str | Path | None = None,
                 continue
             if role != "assistant" or question is None:
                 continue
-            thousandths = parse_answer(text, "qwen2_vl", geometries)
+            thousandths = parse_answer(text, "ref_tokens", geometries)
             if not thousandths and text.strip() != "None":
                 question = None
                 continue

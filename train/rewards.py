@@ -4,7 +4,7 @@ Plain functions over plain data: no trainer, no torch. Completions may be string
 lists (`[{"role": "assistant", "content": "..."}]`). The dataset columns they read:
 
 * `mode`: "cot" or "direct", how the sample was prompted;
-* `family`: "qwen2_vl" or "qwen2_5_vl", the box syntax;
+* `syntax`: the box syntax of the model's family (gemvg.runtime.grounding.SYNTAXES);
 * `targets`: per sample a list of `[image, x1, y1, x2, y2]` in original pixels (0-based image);
 * `geometries`: per sample a list of `[width, height, resized_width, resized_height]`, one per image,
   which the parser needs to map the syntax's coordinates back to pixels.
@@ -82,23 +82,23 @@ def targets_from_column(value: Sequence[Sequence[float]]) -> list[Located]:
     return [(int(row[0]), (float(row[1]), float(row[2]), float(row[3]), float(row[4]))) for row in value]
 
 
-def format_reward(completions: list, mode: list[str], family: list[str], **_: Any) -> list[float]:
+def format_reward(completions: list, mode: list[str], syntax: list[str], **_: Any) -> list[float]:
     """1 when a completion has its prompt's shape (CoT: <think>..</think><answer>..</answer>; direct:
-    no tags) and its answer is boxes in the family's syntax or an explicit no-target answer; else 0."""
+    no tags) and its answer is boxes in the model's syntax or an explicit no-target answer; else 0."""
     scores = []
-    for completion, sample_mode, sample_family in zip(completions, mode, family, strict=True):
+    for completion, sample_mode, sample_syntax in zip(completions, mode, syntax, strict=True):
         text = completion_text(completion)
-        ok = follows_mode(text, sample_mode) and has_parsable_answer(text, sample_family)
+        ok = follows_mode(text, sample_mode) and has_parsable_answer(text, sample_syntax)
         scores.append(1.0 if ok else 0.0)
     return scores
 
 
-def accuracy_reward(completions: list, targets: list, geometries: list, family: list[str], **_: Any) -> list[float]:
+def accuracy_reward(completions: list, targets: list, geometries: list, syntax: list[str], **_: Any) -> list[float]:
     """`match_score` of the boxes parsed from each completion against its sample's targets."""
     scores = []
-    for completion, sample_targets, sample_geometries, sample_family in zip(
-            completions, targets, geometries, family, strict=True):
-        boxes = parse_answer(completion_text(completion), sample_family, geometries_from_column(sample_geometries))
+    for completion, sample_targets, sample_geometries, sample_syntax in zip(
+            completions, targets, geometries, syntax, strict=True):
+        boxes = parse_answer(completion_text(completion), sample_syntax, geometries_from_column(sample_geometries))
         predicted = [box.as_tuple() for box in boxes]
         scores.append(match_score(predicted, targets_from_column(sample_targets)))
     return scores
