@@ -437,6 +437,8 @@ def test_export_errors_are_one_line(linear_heavy, tmp_path, capsys):
 @pytest.mark.parametrize("family, argv", [
     ("qwen2_5_vl", ["--precision", "int8"]),
     ("qwen2_vl", ["--precision", "int4", "--vision-precision", "int8"]),
+    ("qwen3_vl", ["--precision", "int8"]),  # DeepStack's features calibrated and fed like the image features
+    ("qwen3_vl", ["--precision", "int4", "--vision-precision", "int8"]),
 ])
 def test_tiny_quantized_bundles_ground_through_cli_and_api(family, argv, tiny_checkpoints, calib_file, image_files,
                                                            tmp_path, capsys):

@@ -152,6 +152,32 @@ def test_synth_sft_grpo_export_ground(workspace, capsys):
     assert isinstance(result["boxes"], list) and isinstance(result["text"], str) and len(result["token_ids"]) >= 1
 
 
+def test_qwen3_vl_trains_on_its_own_syntax_and_exports(workspace, tmp_path, capsys):
+    """A Qwen3-VL checkpoint through TRL's SFT and GRPO trainers: rows in its JSON 0-1000 syntax (read from
+    the family), rewards parsing it, and the trained checkpoint exports and grounds."""
+    from gemvg.train.common import check_inputs, dataset_for
+
+    base = make_checkpoint(tmp_path / "base", "qwen3_vl", "tiny", seed=0)
+    inputs = check_inputs(base, workspace["data"], load_config(workspace["sft_config"]))
+    rows = dataset_for(inputs, with_completion=True)
+    assert set(rows["syntax"]) == {"json_relative"} and all("```json" in r[0]["content"] for r in rows["completion"])
+
+    sft_out, grpo_out, bundle = tmp_path / "sft", tmp_path / "grpo", tmp_path / "bundle"
+    assert main(["sft", "--model", str(base), "--data", str(workspace["data"]), "--output", str(sft_out),
+                 "--max-steps", "1", "--config", str(workspace["sft_config"])]) == 0
+    assert main(["grpo", "--model", str(sft_out), "--data", str(workspace["data"]), "--output", str(grpo_out),
+                 "--max-steps", "1", "--config", str(workspace["grpo_config"])]) == 0
+    logs = capsys.readouterr()
+    assert "(qwen3_vl)" in logs.out and "rewards/accuracy_reward/mean" in logs.out + logs.err
+    before, after = _weights(base), _weights(grpo_out)
+    assert any(not (before[k] == after[k]).all() for k in before), "training changed no weight"
+    export = subprocess.run([str(BIN / "gemvg-export"), "--model", str(grpo_out), "--out", str(bundle)],
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-2000:]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (manifest["family"], manifest["box_syntax"]) == ("qwen3_vl", "json_relative")
+
+
 @pytest.mark.parametrize("name,trl_config", [("sft", "SFTConfig"), ("cot_sft", "SFTConfig"), ("grpo", "GRPOConfig"),
                                              ("demo_sft", "SFTConfig"), ("demo_grpo", "GRPOConfig")])
 def test_shipped_configs_build_trl_configs(tmp_path, name, trl_config):
