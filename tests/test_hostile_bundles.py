@@ -137,6 +137,8 @@ BAD_FIELDS = [
     ("text", "head_dim", "16"), ("text", "vocab_size", True), ("text", "num_kv_heads", 3),
     ("text", "rope_theta", math.nan), ("text", "rope_theta", -1.0), ("text", "mrope_section", [2, 3]),
     ("vision", "spatial_merge_size", 0), ("vision", "patch_size", 10 ** 7), ("vision", "fullatt_block_indexes", [-1]),
+    ("vision", "num_position_embeddings", -4), ("vision", "deepstack_layers", [0, "x"]),
+    ("vision", "deepstack_layers", list(range(9))), ("text", "mrope_interleaved", "yes"),
     ("preprocess", "max_pixels", 10 ** 20), ("preprocess", "image_std", [0, 0, 0]),
     ("preprocess", "image_mean", [0.5, "x", 0.5]), ("preprocess", "min_pixels", 10 ** 9),
     ("tokens", "image_pad", 10 ** 6), ("tokens", "eos", []), ("tokens", "eos", [-1]), ("tokens", "pad", None),
@@ -155,6 +157,7 @@ def test_out_of_range_fields_are_refused(bundle_copy, section, name, value):
 
 @pytest.mark.parametrize("where, value, needle", [
     ("family", "llama", "unknown model family"),
+    ("box_syntax", "xml", "unknown box syntax"),
     ("precision", "fp8", "unknown precision"),
     ("decoder_graph.precision", "int3", "unknown decoder.onnx precision"),
 ])
