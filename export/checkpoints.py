@@ -176,7 +176,7 @@ def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str 
         generation.save_pretrained(out)
         with torch.device("meta"):
             meta = model_cls(config)
-        write_random_weights(out, meta, dims, seed, progress)
+        write_random_weights(out, meta, of, dims, seed, progress)
         del meta
     else:
         torch.manual_seed(seed)
@@ -202,20 +202,20 @@ def make_checkpoint(out_dir: str | Path, family: str | None = None, preset: str 
     return out
 
 
-def hub_name(name: str) -> str:
-    """transformers 5's parameter name -> the name published checkpoints store it under."""
-    for ours, hub in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+def hub_name(name: str, of) -> str:
+    """transformers 5's parameter name -> the name published checkpoints of family `of` store it under."""
+    for ours, hub in of.published_prefixes:
         if name.startswith(ours):
             return hub + name[len(ours):]
     return name
 
 
-def write_random_weights(out: Path, meta_model, dims: Preset, seed: int, progress=None) -> None:
+def write_random_weights(out: Path, meta_model, of, dims: Preset, seed: int, progress=None) -> None:
     """bf16 shards of random weights for every parameter of a meta-device model: matrices and embeddings
     normal(0, initializer_range), norm weights 1, biases 0 (HF's init), each made and written alone."""
     from .safetensors_io import write_sharded
 
-    shapes = {hub_name(name): tuple(tensor.shape) for name, tensor in meta_model.state_dict().items()}
+    shapes = {hub_name(name, of): tuple(tensor.shape) for name, tensor in meta_model.state_dict().items()}
     if dims.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # published tied checkpoints store the embedding only
     rng = np.random.default_rng(seed)

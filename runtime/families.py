@@ -102,6 +102,10 @@ class Family:
     max_pixels: int
     read_vision: Callable[[Mapping], VisionConfig]
     random_vision: Callable[[object], dict]  # vision_config of a random checkpoint (gemvg.export.checkpoints)
+    # How published checkpoints name tensors, as (transformers 5's prefix, the published one): Qwen2-VL and
+    # Qwen2.5-VL were published before transformers 5 moved the towers under model.visual and
+    # model.language_model (which it maps back when loading); Qwen3-VL was published with those names.
+    published_prefixes: tuple[tuple[str, str], ...] = ()
 
     def text_config(self, config: Mapping) -> TextConfig:
         """The bundle's TextConfig from a config.json (as a dict with transformers' defaults filled in)."""
@@ -139,18 +143,19 @@ class Family:
 
 
 _QWEN2_MODULE = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+_BEFORE_TRANSFORMERS_5 = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("qwen2_vl", _QWEN2_MODULE, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration",
            "Qwen2VisionTransformerPretrainedModel", "Qwen2VLTextModel", box_syntax="ref_tokens",
            mrope_interleaved=False, patch_size=14, image_mean=CLIP_MEAN, image_std=CLIP_STD,
            min_pixels=56 * 56, max_pixels=28 * 28 * 1280, read_vision=_qwen2_vl_vision,
-           random_vision=_qwen2_vl_random_vision),
+           random_vision=_qwen2_vl_random_vision, published_prefixes=_BEFORE_TRANSFORMERS_5),
     Family("qwen2_5_vl", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLConfig",
            "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLTextModel",
            box_syntax="json_pixels", mrope_interleaved=False, patch_size=14, image_mean=CLIP_MEAN,
            image_std=CLIP_STD, min_pixels=56 * 56, max_pixels=28 * 28 * 1280, read_vision=_qwen2_5_vl_vision,
-           random_vision=_qwen2_5_vl_random_vision),
+           random_vision=_qwen2_5_vl_random_vision, published_prefixes=_BEFORE_TRANSFORMERS_5),
     Family("qwen3_vl", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLConfig",
            "Qwen3VLForConditionalGeneration", "Qwen3VLVisionModel", "Qwen3VLTextModel",
            box_syntax="json_relative", mrope_interleaved=True, patch_size=16, image_mean=(0.5, 0.5, 0.5),

@@ -73,12 +73,13 @@ def hub_layout_checkpoint(tiny_checkpoints, tmp_path_factory) -> Path:
     from safetensors.numpy import load_file
 
     from gemvg.export.checkpoints import hub_name
+    from gemvg.runtime.families import family
 
     source = tiny_checkpoints["qwen2_vl"]
     out = tmp_path_factory.mktemp("hub") / "qwen2_vl_bf16"
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     state = load_file(str(source / "model.safetensors"))
-    values = {hub_name(name): value for name, value in state.items()}
+    values = {hub_name(name, family("qwen2_vl")): value for name, value in state.items()}
     write_sharded(out, {name: value.shape for name, value in values.items()}, lambda name, shape: values[name],
                   dtype="BF16", shard_bytes=200_000)
     assert len(list(out.glob("model-*.safetensors"))) > 1
@@ -209,3 +210,27 @@ def test_real_shape_presets_are_written_like_published_checkpoints(tmp_path, mon
     assert torch.all(model.model.language_model.norm.weight == 1)
     assert torch.all(model.model.language_model.layers[0].self_attn.q_proj.bias == 0)
     assert 0.05 < float(model.model.language_model.layers[0].mlp.up_proj.weight.detach().std()) < 0.15  # init 0.1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_real_shape_writer_names_tensors_as_published_so_transformers_loads_every_one(family, tmp_path, monkeypatch):
+    """Random checkpoints of real shapes are written tensor by tensor under the names the family's published
+    checkpoints use; transformers must find every weight (a name it does not map back would leave that
+    weight randomly initialised, and the transformers baseline would be another model)."""
+    import dataclasses
+
+    from gemvg.export.checkpoints import PRESETS, make_checkpoint
+    from gemvg.export.reference import load_model
+
+    monkeypatch.setitem(PRESETS, "tiny-sharded", dataclasses.replace(PRESETS["tiny"], real_shape=True))
+    checkpoint = make_checkpoint(tmp_path / "ckpt", family=family, preset="tiny-sharded", seed=2)
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    published = {"qwen3_vl": "model.language_model.layers.0."}.get(family, "model.layers.0.")
+    assert any(name.startswith(published) for name in index)
+    model = load_model(checkpoint)
+    parameters = dict(model.named_parameters())
+    tensors = CheckpointTensors(checkpoint)
+    for ours, theirs in (("text.layers.0.mlp.down_proj.weight", "model.language_model.layers.0.mlp.down_proj.weight"),
+                         ("text.norm.weight", "model.language_model.norm.weight"),
+                         ("visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight")):
+        np.testing.assert_array_equal(parameters[theirs].detach().numpy(), tensors.get(ours))
