@@ -173,7 +173,7 @@ def test_jump_forward_matches_the_python_engine(family, native, native_build, ti
     geometries = [python.prepare([image_files["rgb.jpg"]], "q").images[0].geometry] * 2
     answer_boxes = [Box(1, 3, 4, 30, 40, "red cup"), Box(0, 10, 12, 50, 44, "the lid")]
     for mode in ("direct", "cot", "raw"):
-        answer = format_answer(answer_boxes, family, geometries, mode, reasoning='two {"things')
+        answer = format_answer(answer_boxes, SYNTAX[family], geometries, mode, reasoning='two {"things')
         ids = python.tokenizer.encode(answer, add_special_tokens=False).ids
         prefixes = [ids[:end] for end in range(1, len(ids) + 1)]
         expected = [python.forced_tokens(prefix, mode) for prefix in prefixes]
@@ -434,8 +434,9 @@ def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
     return bundles
 
 
-def test_bad_bundles_give_null_and_one_line(native, native_build, damaged_bundles, image_files, tmp_path):
+def test_bad_bundles_give_null_and_one_line(native, native_build, damaged_bundles, tiny_bundles, image_files, tmp_path):
     cases = {tmp_path / "nowhere": "bundle not found", damaged_bundles["altered"]: "is altered",
+             tiny_bundles["qwen3_vl"]: "unknown model family 'qwen3_vl'",  # DeepStack: not in the native runtime yet
              damaged_bundles["incomplete"]: "is incomplete", damaged_bundles["schema"]: "schema version",
              damaged_bundles["escaping"]: "outside itself",
              image_files["rgb.jpg"]: "not a folder"}
