@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from gemvg.benchmarks.soak import request
+from gemvg.benchmarks.soak import SoakResult, growth, request
 
 REQUESTS, WARMUP = 300, 60
 MAX_GROWTH_PERCENT = 5.0
@@ -24,7 +24,7 @@ def test_soak_rss_does_not_grow_with_requests(tiny_bundle, tmp_path):
     result = json.loads(out.read_text())
     assert result["requests"] == REQUESTS
     assert result["growth_percent"] <= MAX_GROWTH_PERCENT, result["samples"]
-    late = [mb for count, mb in result["samples"] if count >= WARMUP]
+    late = [mb for count, mb, _ in result["samples"] if count >= WARMUP]
     assert max(late) <= result["rss_after_warmup_mb"] * (1 + MAX_GROWTH_PERCENT / 100), result["samples"]
     assert result["feature_cache_entries"] <= 32  # bounded, although every request brought new images
 
@@ -34,3 +34,16 @@ def test_soak_requests_have_fresh_images_and_follow_ups():
     assert all((a == b).all() for a, b in zip(first["images"], follow_up["images"]))
     assert first["query"] != follow_up["query"]
     assert not any(a.shape == b.shape and (a == b).all() for a in first["images"] for b in next_["images"])
+
+
+def test_soak_checkpoints_tell_a_plateau_from_a_trend():
+    plateau = [(50, 98.0), (100, 100.0), (200, 103.0), (300, 104.0), (400, 104.0), (500, 104.0)]
+    trend = [(50, 98.0), (100, 100.0), (200, 101.0), (300, 102.0), (400, 103.0), (500, 104.0)]
+    assert growth(plateau, 100, 500, 104.0) == (4.0, 4.0, 0.0)  # the end against 300 requests, halfway
+    assert growth(trend, 100, 500, 104.0) == (4.0, 4.0, 1.96)
+    assert growth(plateau[:3] + [(300, 106.0)] + plateau[4:], 100, 500, 104.0) == (4.0, 6.0, -1.89)
+    samples = [(count, mb, mb / 2) for count, mb in plateau]
+    table = SoakResult(500, 100, 2, 1.0, 100.0, 104.0, 106.0, 4.0, 4.0, 0.0, 4.0, 4.0, 0.0, 32, 0.5, samples)
+    lines = table.checkpoints().splitlines()
+    assert len(lines) == 7 and "(warm-up)" in lines[1] and "(reference)" in lines[2]
+    assert lines[-1].split() == ["500", "104.0", "+4.00%", "52.0", "+4.00%"]
