@@ -67,10 +67,22 @@ def session_providers(providers: list[str], bundle: Path, manifest: Manifest, gr
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
+    """Options of every session: full graph optimization, `threads` intra-op threads (None: every core),
+    and no memory patterns.
+
+    A memory pattern is ONNX Runtime's plan of a run's intermediate buffers for one set of input shapes,
+    traced by the first run with those shapes and kept for the session's lifetime; a later run with the
+    same shapes takes all its intermediates from the arena as one block of the plan's size. Our graphs
+    see different shapes from request to request (prompt length, KV capacity, image size), so those
+    blocks come in ever different sizes, and with requests running at once the arena's resident part
+    climbed in steps with the number of requests (benchmarks/RESULTS.md, memory over long runs).
+    Without patterns each intermediate is an arena allocation of its own, reused whatever the shapes.
+    """
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1 (or None for every core), not {threads}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from gemvg.benchmarks.soak import SoakResult, growth, request
+from gemvg.runtime.engine import Engine
 
 REQUESTS, WARMUP = 300, 60
 MAX_GROWTH_PERCENT = 5.0
@@ -34,6 +35,14 @@ def test_soak_requests_have_fresh_images_and_follow_ups():
     assert all((a == b).all() for a, b in zip(first["images"], follow_up["images"]))
     assert first["query"] != follow_up["query"]
     assert not any(a.shape == b.shape and (a == b).all() for a in first["images"] for b in next_["images"])
+
+
+def test_sessions_keep_no_memory_patterns(tiny_bundle):
+    # A run with a memory pattern takes its intermediates as one block of the pattern's size; with shapes
+    # that change from request to request those blocks grew the two-thread soak's RSS in steps.
+    engine = Engine.load(tiny_bundle)
+    for session in (engine.vision, engine.embed, engine.decoder, engine.step_decoder):
+        assert session.get_session_options().enable_mem_pattern is False
 
 
 def test_soak_checkpoints_tell_a_plateau_from_a_trend():
