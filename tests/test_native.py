@@ -5,8 +5,9 @@ the repository; ctest sets it to its own build. A missing compiler or dependency
 runtime/native/install-deps.sh), it never skips them.
 
 Parity: token ids, text, boxes and prefix reuse identical to the Python engine for a first query and a
-follow-up on the same images (1, 2 and 3 images of different sizes, modes and formats, both families);
-pixel values within 1e-6; the tokenizer, its decoding and the box parser on tricky inputs. Bad input:
+follow-up on the same images (1, 2 and 3 images of different sizes, modes and formats, every family);
+pixel values within 1e-6; the tokenizer, its decoding and the box parser (every box syntax) on tricky
+inputs; every vision feed (Qwen3-VL's position taps and weights bit for bit) as `gemvg inspect`. Bad input:
 NULL and one line from the C API, exit 2 and one line from gemvg-ground.
 """
 
@@ -29,8 +30,9 @@ from gemvg.runtime.grounding import ImageGeometry, format_answer, Box, parse_ans
 from gemvg.runtime.preprocess import load_image, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # the native runtime's (no DeepStack, no interleaved M-RoPE yet)
-SYNTAX = {"qwen2_vl": "ref_tokens", "qwen2_5_vl": "json_pixels"}  # the box syntax it reads for each
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # every family: Qwen3-VL's DeepStack and interleaved M-RoPE too
+SYNTAX = {"qwen2_vl": "ref_tokens", "qwen2_5_vl": "json_pixels", "qwen3_vl": "json_relative"}  # each one's box syntax
+SYNTAXES = ("ref_tokens", "json_pixels", "json_relative")
 
 
 def _run(command: list, what: str) -> None:
@@ -300,6 +302,15 @@ def test_stages_equal_the_inspect_golden_vectors(family, native_build, tiny_bund
         for name in ("rotary_cos", "rotary_sin"):
             expected = golden[f"image_{index}_vision_{name}"]
             assert np.array_equal(np.asarray(feeds[name], np.float32).reshape(expected.shape), expected), (path, name)
+        tabled = f"image_{index}_vision_position_taps" in golden  # Qwen3-VL's learned position table
+        assert tabled == (family == "qwen3_vl")
+        if tabled:  # bit for bit: the same float32 operations in the same order
+            taps = golden[f"image_{index}_vision_position_taps"]
+            assert np.array_equal(np.asarray(feeds["position_taps"], np.int64).reshape(taps.shape), taps)
+            weights = golden[f"image_{index}_vision_position_weights"]
+            assert np.array_equal(np.asarray(feeds["position_weights"], np.float32).reshape(weights.shape), weights)
+        else:
+            assert feeds["position_taps"] == [] and feeds["position_weights"] == []
         windowed = f"image_{index}_vision_window_gather" in golden
         assert windowed == (family == "qwen2_5_vl")
         if windowed:
@@ -369,19 +380,24 @@ PARSE_TEXTS = [
     "nothing here", "None", "[]", "<answer>unfinished (1,2),(3,4)",
     format_answer([Box(0, 10, 20, 300, 400, "cat"), Box(2, 5, 5, 50, 40, "dog")], "ref_tokens", GEOMETRIES, "cot", "x"),
     format_answer([Box(1, 10, 20, 30, 40, "ü")], "json_pixels", GEOMETRIES),
+    format_answer([Box(2, 10, 20, 30, 40, "q"), Box(0, 600, 5, 100, 470, "wide")], "json_relative", GEOMETRIES, "cot", "y"),
+    '[{"bbox_2d": [-10, 999.5, 1000, 2000], "label": "edge"}]',
 ]
 
 
 def test_box_parser_matches_python(native_build):
-    items = [{"text": text, "family": family, "geometries": [[g.width, g.height, g.resized_width, g.resized_height]
+    items = [{"text": text, "syntax": syntax, "geometries": [[g.width, g.height, g.resized_width, g.resized_height]
                                                              for g in GEOMETRIES]}
-             for text in PARSE_TEXTS for family in FAMILIES]
+             for text in PARSE_TEXTS for syntax in SYNTAXES]
     ours = check_tool(native_build, "parse", stdin=items)
     for item, boxes in zip(items, ours):
-        expected = [[b.image, b.x1, b.y1, b.x2, b.y2, b.label] for b in parse_answer(item["text"],
-                                                                                      SYNTAX[item["family"]],
+        expected = [[b.image, b.x1, b.y1, b.x2, b.y2, b.label] for b in parse_answer(item["text"], item["syntax"],
                                                                                       GEOMETRIES)]
         assert boxes == expected, item
+    # The syntaxes read the same JSON in different frames: the parser does not read them alike.
+    relative = [boxes for item, boxes in zip(items, ours) if item["syntax"] == "json_relative"]
+    pixels = [boxes for item, boxes in zip(items, ours) if item["syntax"] == "json_pixels"]
+    assert relative != pixels
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -418,7 +434,7 @@ def test_cli_grounds_with_the_python_cli_json(native_build, tiny_bundle, image_f
 @pytest.fixture
 def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
     bundles = {}
-    for name in ("altered", "incomplete", "schema", "short_context", "escaping"):
+    for name in ("altered", "incomplete", "schema", "short_context", "escaping", "syntax", "interleaved", "deepstack"):
         bundles[name] = Path(shutil.copytree(tiny_bundle, tmp_path / name))
     data = bundles["altered"] / "decoder.onnx.data"
     raw = bytearray(data.read_bytes())
@@ -427,7 +443,10 @@ def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
     (bundles["incomplete"] / "embed.onnx").unlink()
     for name, change in (("schema", lambda m: m.update(schema_version=99)),
                          ("short_context", lambda m: m["limits"].update(max_context=40)),
-                         ("escaping", lambda m: m["tokenizer"].update(path="../qwen2_vl/tokenizer.json"))):
+                         ("escaping", lambda m: m["tokenizer"].update(path="../qwen2_vl/tokenizer.json")),
+                         ("syntax", lambda m: m.update(box_syntax="xml")),
+                         ("interleaved", lambda m: m["text"].update(mrope_interleaved="yes")),
+                         ("deepstack", lambda m: m["vision"].update(deepstack_layers=[0, "x"]))):
         manifest = json.loads((bundles[name] / "manifest.json").read_text())
         change(manifest)
         (bundles[name] / "manifest.json").write_text(json.dumps(manifest))
@@ -436,7 +455,9 @@ def damaged_bundles(tiny_bundle, tmp_path) -> dict[str, Path]:
 
 def test_bad_bundles_give_null_and_one_line(native, native_build, damaged_bundles, tiny_bundles, image_files, tmp_path):
     cases = {tmp_path / "nowhere": "bundle not found", damaged_bundles["altered"]: "is altered",
-             tiny_bundles["qwen3_vl"]: "unknown model family 'qwen3_vl'",  # DeepStack: not in the native runtime yet
+             damaged_bundles["syntax"]: "unknown box syntax 'xml'",
+             damaged_bundles["interleaved"]: "text.mrope_interleaved is 'yes', not true or false",
+             damaged_bundles["deepstack"]: "are not block numbers",
              damaged_bundles["incomplete"]: "is incomplete", damaged_bundles["schema"]: "schema version",
              damaged_bundles["escaping"]: "outside itself",
              image_files["rgb.jpg"]: "not a folder"}

@@ -34,7 +34,10 @@ const char *VISION_PIXEL_VALUES = "pixel_values";
 const char *VISION_WINDOW_GATHER = "window_gather";
 const char *VISION_WINDOW_BIAS = "window_bias";
 const char *VISION_WINDOW_SCATTER = "window_scatter";
+const char *VISION_POSITION_TAPS = "position_taps";
+const char *VISION_POSITION_WEIGHTS = "position_weights";
 const char *VISION_OUTPUT = "image_features";
+const char *VISION_DEEPSTACK_OUTPUT = "deepstack_features";
 const char *DECODER_INPUTS_EMBEDS = "inputs_embeds";
 const char *DECODER_CACHE_POSITIONS = "cache_positions";
 const char *DECODER_SEQLENS_K = "seqlens_k";
@@ -42,6 +45,7 @@ const char *DECODER_TOTAL_SEQUENCE_LENGTH = "total_sequence_length";
 const char *ROTARY_COS = "rotary_cos";
 const char *ROTARY_SIN = "rotary_sin";
 const char *DECODER_LOGITS = "logits";
+const char *DECODER_DEEPSTACK_EMBEDS = "deepstack_embeds";
 std::string past_key(int layer) { return "past_key_" + std::to_string(layer); }
 std::string past_value(int layer) { return "past_value_" + std::to_string(layer); }
 std::string present_key(int layer) { return "present_key_" + std::to_string(layer); }
@@ -89,6 +93,11 @@ Ort::Value tensor(T *data, size_t count, std::vector<int64_t> shape) {
     return Ort::Value::CreateTensor<T>(cpu_memory(), data, count, shape.data(), shape.size());
 }
 
+// A JSON value as Python's repr writes it in the manifest's messages ('text', numbers and lists as JSON).
+std::string repr(const json &value) {
+    return value.is_string() ? "'" + value.get<std::string>() + "'" : value.dump();
+}
+
 std::string one_line(std::string text) {
     std::replace(text.begin(), text.end(), '\n', ' ');
     return text;
@@ -114,6 +123,15 @@ Manifest load_manifest(const std::string &bundle_dir, bool verify) {
     Manifest m;
     try {
         m.family = data.at("family").get<std::string>();
+        // Bundles written before the syntax was recorded apart from the family: the family's own (as
+        // Python's `data.get("box_syntax") or ...`: a missing or empty value).
+        const json *syntax = data.contains("box_syntax") ? &data["box_syntax"] : nullptr;
+        bool given = syntax && !syntax->is_null() && !(syntax->is_string() && syntax->get<std::string>().empty()) &&
+                     !(syntax->is_boolean() && !syntax->get<bool>()) && !(syntax->is_number() && syntax->get<double>() == 0) &&
+                     !((syntax->is_array() || syntax->is_object()) && syntax->empty());
+        if (!given) m.box_syntax = family_box_syntax(m.family);
+        else if (syntax->is_string()) m.box_syntax = syntax->get<std::string>();
+        else bundle_error(path + ": unknown box syntax " + repr(*syntax) + "; this gemvg reads ref_tokens, json_pixels, json_relative");
         const json &text = data.at("text");
         m.text.hidden_size = text.at("hidden_size");
         m.text.num_layers = text.at("num_layers");
@@ -123,6 +141,11 @@ Manifest load_manifest(const std::string &bundle_dir, bool verify) {
         m.text.vocab_size = text.at("vocab_size");
         m.text.rope_theta = text.at("rope_theta");
         for (int i = 0; i < 3; i++) m.text.mrope_section[i] = text.at("mrope_section").at(size_t(i));
+        if (text.contains("mrope_interleaved")) {
+            if (!text["mrope_interleaved"].is_boolean())
+                bundle_error(path + ": text.mrope_interleaved is " + repr(text["mrope_interleaved"]) + ", not true or false");
+            m.text.mrope_interleaved = text["mrope_interleaved"].get<bool>();
+        }
         const json &vision = data.at("vision");
         m.vision.hidden_size = vision.at("hidden_size");
         m.vision.out_hidden_size = vision.at("out_hidden_size");
@@ -132,6 +155,21 @@ Manifest load_manifest(const std::string &bundle_dir, bool verify) {
         m.vision.patch_size = vision.at("patch_size");
         m.vision.spatial_merge_size = vision.at("spatial_merge_size");
         m.vision.window_size = vision.at("window_size");
+        if (vision.contains("num_position_embeddings")) {
+            const json &table = vision["num_position_embeddings"];
+            if (!table.is_number_integer() || table.get<long long>() < 0 || table.get<long long>() > (1LL << 24))
+                bundle_error(path + ": vision.num_position_embeddings is " + repr(table) + ", outside 0..16777216");
+            m.vision.num_position_embeddings = table.get<long long>();
+        }
+        if (vision.contains("deepstack_layers") && !vision["deepstack_layers"].is_null()) {
+            const json &layers = vision["deepstack_layers"];
+            bool blocks = layers.is_array();
+            if (blocks)
+                for (const json &layer : layers)
+                    if (!layer.is_number_integer() || layer.get<long long>() < 0 || layer.get<long long>() >= 1024) blocks = false;
+            if (!blocks) bundle_error(path + ": vision.deepstack_layers " + layers.dump() + " are not block numbers");
+            m.vision.deepstack_layers = layers.get<std::vector<int>>();
+        }
         const json &pre = data.at("preprocess");
         m.preprocess.min_pixels = pre.at("min_pixels");
         m.preprocess.max_pixels = pre.at("max_pixels");
@@ -165,7 +203,16 @@ Manifest load_manifest(const std::string &bundle_dir, bool verify) {
     } catch (const json::exception &err) {
         bundle_error(path + ": manifest is malformed (" + one_line(err.what()) + ")");
     }
-    if (!is_family(m.family)) bundle_error(path + ": unknown model family '" + m.family + "'");
+    if (!is_family(m.family))
+        bundle_error(path + ": unknown model family '" + m.family + "'; this gemvg reads qwen2_vl, qwen2_5_vl, qwen3_vl");
+    if (!is_box_syntax(m.box_syntax))
+        bundle_error(path + ": unknown box syntax '" + m.box_syntax + "'; this gemvg reads ref_tokens, json_pixels, json_relative");
+    if (m.vision.deepstack_layers.size() > size_t(std::max(m.text.num_layers, 0)))
+        bundle_error(path + ": vision.deepstack_layers feeds " + std::to_string(m.vision.deepstack_layers.size()) +
+                     " decoder layers; the decoder has " + std::to_string(m.text.num_layers));
+    if (m.vision.num_position_embeddings > 0 && m.vision.window_size > 0)
+        bundle_error(path + ": a vision config with both a learned position table and window attention is not a Qwen-VL "
+                            "tower gemvg knows");
     if (m.text.mrope_section[0] + m.text.mrope_section[1] + m.text.mrope_section[2] != m.text.head_dim / 2)
         bundle_error("manifest text.mrope_section does not sum to head_dim / 2 = " + std::to_string(m.text.head_dim / 2));
     if (verify) {
@@ -291,6 +338,14 @@ Engine::Engine(const std::string &bundle_dir, const std::string &device, int thr
         if (std::find(decoder.inputs.begin(), decoder.inputs.end(), name) == decoder.inputs.end() &&
             std::find(decoder.outputs.begin(), decoder.outputs.end(), name) == decoder.outputs.end())
             bundle_error(bundle_dir + ": decoder graph lacks " + name + " (manifest and graph disagree)");
+    if (!manifest_.vision.deepstack_layers.empty()) {  // DeepStack: the decoder takes it, the vision graph gives it
+        if (std::find(decoder.inputs.begin(), decoder.inputs.end(), DECODER_DEEPSTACK_EMBEDS) == decoder.inputs.end())
+            bundle_error(bundle_dir + ": decoder graph lacks " + DECODER_DEEPSTACK_EMBEDS + " (manifest and graph disagree)");
+        bool found = false;
+        for (size_t i = 0; i < vision_->GetOutputCount(); i++)
+            if (std::string(vision_->GetOutputNameAllocated(i, allocator).get()) == VISION_DEEPSTACK_OUTPUT) found = true;
+        if (!found) bundle_error(bundle_dir + ": vision graph lacks " + VISION_DEEPSTACK_OUTPUT + " (manifest and graph disagree)");
+    }
     rotary_ = std::make_unique<MRopeAngles>(manifest_.text);
     logits_.resize(size_t(manifest_.text.vocab_size));
 }
@@ -305,8 +360,14 @@ void Engine::reset() {
 
 MRopeAngles::MRopeAngles(const TextConfig &text) {
     inv_freq_ = inverse_frequencies(text.rope_theta, text.head_dim);
-    for (int axis = 0; axis < 3; axis++)
-        for (int k = 0; k < text.mrope_section[axis]; k++) axis_.push_back(axis);
+    if (!text.mrope_interleaved) {  // blocked (Qwen2-VL, Qwen2.5-VL): section[0] temporal, section[1] height, section[2] width
+        for (int axis = 0; axis < 3; axis++)
+            for (int k = 0; k < text.mrope_section[axis]; k++) axis_.push_back(axis);
+    } else {  // interleaved (Qwen3-VL): height when j % 3 == 1 and j < 3 * section[1], width alike, else temporal
+        int total = text.mrope_section[0] + text.mrope_section[1] + text.mrope_section[2];
+        for (int j = 0; j < total; j++)
+            axis_.push_back(j % 3 == 1 && j < 3 * text.mrope_section[1] ? 1 : j % 3 == 2 && j < 3 * text.mrope_section[2] ? 2 : 0);
+    }
 }
 
 void MRopeAngles::fill(const int64_t *positions, size_t stride, size_t count, float *cos_rows, float *sin_rows) const {
@@ -384,21 +445,38 @@ std::vector<float> Engine::encode_image(const PreparedImage &image) {
             values.push_back(tensor(feeds.window_bias.data(), feeds.window_bias.size(), {feeds.windows, 1, 1, feeds.longest}));
         else if (name == VISION_WINDOW_SCATTER && !feeds.window_scatter.empty())
             values.push_back(tensor(feeds.window_scatter.data(), feeds.window_scatter.size(), {patches}));
+        else if (name == VISION_POSITION_TAPS && !feeds.position_taps.empty())
+            values.push_back(tensor(feeds.position_taps.data(), feeds.position_taps.size(), {patches, 4}));
+        else if (name == VISION_POSITION_WEIGHTS && !feeds.position_weights.empty())
+            values.push_back(tensor(feeds.position_weights.data(), feeds.position_weights.size(), {patches, 4}));
         else
             bundle_error(bundle_dir_ + ": the vision graph takes " + name + ", which this gemvg does not feed; re-export the bundle");
         names.push_back(name.c_str());
     }
-    const char *output = VISION_OUTPUT;
+    // The image features and, with DeepStack, the intermediate layers' features [D, tokens, hidden].
+    size_t layers = manifest_.vision.deepstack_layers.size();
+    const char *output_names[2] = {VISION_OUTPUT, VISION_DEEPSTACK_OUTPUT};
     auto clock = std::chrono::steady_clock::now();
-    auto outputs = vision_->Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), &output, 1);
+    auto outputs = vision_->Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), output_names,
+                                layers ? 2 : 1);
     session_ms_ += elapsed_ms(clock);
     auto shape = outputs[0].GetTensorTypeAndShapeInfo().GetShape();
-    const float *merged = outputs[0].GetTensorData<float>();
     size_t tokens = size_t(shape[0]), hidden = size_t(shape[1]);
-    std::vector<float> features(tokens * hidden);
-    for (size_t i = 0; i < tokens; i++) {  // back to raster order (window attention reorders the tokens)
-        size_t source = feeds.restore_order.empty() ? i : size_t(feeds.restore_order[i]);
-        std::memcpy(&features[i * hidden], merged + source * hidden, hidden * sizeof(float));
+    if (layers) {
+        auto deep = outputs[1].GetTensorTypeAndShapeInfo().GetShape();
+        if (deep.size() != 3 || size_t(deep[0]) != layers || size_t(deep[1]) != tokens || size_t(deep[2]) != hidden)
+            bundle_error(bundle_dir_ + ": the vision graph's " + VISION_DEEPSTACK_OUTPUT + " is not [" + std::to_string(layers) +
+                         ", " + std::to_string(tokens) + ", " + std::to_string(hidden) + "] (manifest and graph disagree)");
+    }
+    // Stacked [1 + D, tokens, hidden] as Python's encode_image: row 0 the features, rows 1.. DeepStack's.
+    std::vector<float> features((1 + layers) * tokens * hidden);
+    for (size_t d = 0; d <= layers; d++) {
+        const float *merged = d == 0 ? outputs[0].GetTensorData<float>() : outputs[1].GetTensorData<float>() + (d - 1) * tokens * hidden;
+        float *stacked = &features[d * tokens * hidden];
+        for (size_t i = 0; i < tokens; i++) {  // back to raster order (window attention reorders the tokens)
+            size_t source = feeds.restore_order.empty() ? i : size_t(feeds.restore_order[i]);
+            std::memcpy(&stacked[i * hidden], merged + source * hidden, hidden * sizeof(float));
+        }
     }
     size_t bytes = features.size() * sizeof(float);
     if (bytes > FEATURE_CACHE_BYTES) return features;  // keeping it would only evict everything else
@@ -422,7 +500,7 @@ std::vector<float> Engine::embed(const int64_t *ids, size_t count) {
 }
 
 const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, size_t count, const int64_t *positions,
-                                              size_t position_stride, Cache &cache) {
+                                              size_t position_stride, Cache &cache, const std::vector<float> *deepstack) {
     size_t start = cache.length, total = start + count;
     if (total > cache.capacity)
         input_error("KV cache of " + std::to_string(cache.capacity) + " positions cannot hold " + std::to_string(total));
@@ -443,6 +521,17 @@ const std::vector<float> &Engine::run_decoder(const std::vector<float> &embeds, 
     inputs.push_back(tensor(&total_length, 1, {}));
     inputs.push_back(tensor(cache.rotary_cos.data(), cache.rotary_cos.size(), {int64_t(cache.capacity), int64_t(half)}));
     inputs.push_back(tensor(cache.rotary_sin.data(), cache.rotary_sin.size(), {int64_t(cache.capacity), int64_t(half)}));
+    // DeepStack's input [D, 1, count, hidden]: the prompt's (image tokens carry their image's rows), or
+    // zeros for generated tokens.
+    size_t layers = manifest_.vision.deepstack_layers.size();
+    std::vector<float> zeros;
+    if (layers) {
+        size_t size = layers * count * size_t(text.hidden_size);
+        if (!deepstack) zeros.assign(size, 0.0f), deepstack = &zeros;
+        else if (deepstack->size() != size) throw Error(ErrorKind::Internal, "deepstack_embeds of the wrong size");
+        input_names.push_back(DECODER_DEEPSTACK_EMBEDS);
+        inputs.push_back(tensor(const_cast<float *>(deepstack->data()), size, {int64_t(layers), 1, int64_t(count), text.hidden_size}));
+    }
     std::vector<std::string> output_names = {DECODER_LOGITS};
     std::vector<Ort::Value> outputs;
     outputs.push_back(tensor(logits_.data(), logits_.size(), {1, 1, text.vocab_size}));
@@ -480,7 +569,7 @@ std::string Engine::decode_text(const std::vector<int32_t> &tokens) const {
 }
 
 std::vector<int32_t> Engine::forced_tokens(const std::vector<int32_t> &tokens, const std::string &mode) const {
-    std::string forced = forced_continuation(decode_text(tokens), manifest_.family, mode);
+    std::string forced = forced_continuation(decode_text(tokens), manifest_.box_syntax, mode);
     if (forced.empty()) return {};
     // The forced endings are local: a few tokens of text to tokenize. The forced ids are what tokenizing
     // the text with them adds to tokenizing it alone, provided the forced text does not merge with the
@@ -512,7 +601,7 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
             input_error("image " + std::to_string(i) + " needs " + std::to_string(patches) + " patches, over this bundle's limit of " +
                         std::to_string(manifest_.max_patches_per_image));
     }
-    Prompt prompt = build_prompt(manifest_, *tokenizer_, build_instruction(query, manifest_.family, mode), prepared);
+    Prompt prompt = build_prompt(manifest_, *tokenizer_, build_instruction(query, manifest_.box_syntax, mode), prepared);
     size_t prompt_length = prompt.input_ids.size();
     if ((long long)(prompt_length + size_t(max_new_tokens)) > manifest_.max_context)
         throw Error(ErrorKind::PromptTooLong, "prompt of " + std::to_string(prompt_length) + " tokens (images included) + " +
@@ -544,14 +633,21 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
 
     clock = std::chrono::steady_clock::now();
     size_t hidden = size_t(manifest_.text.hidden_size);
-    std::vector<float> embeds = embed(prompt.input_ids.data() + start, prompt_length - start);
+    size_t fed = prompt_length - start, layers = manifest_.vision.deepstack_layers.size();
+    std::vector<float> embeds = embed(prompt.input_ids.data() + start, fed);
+    // DeepStack's input [D, 1, fed, hidden]: each image's rows 1..D at its tokens, zeros elsewhere.
+    std::vector<float> deepstack(layers * fed * hidden, 0.0f);
     for (size_t i = 0; i < prepared.size(); i++) {
         auto [span_start, span_end] = prompt.image_spans[i];
         if (span_end <= start) continue;
-        size_t from = std::max(span_start, start);
-        std::memcpy(&embeds[(from - start) * hidden], &features[i][(from - span_start) * hidden], (span_end - from) * hidden * sizeof(float));
+        size_t from = std::max(span_start, start), tokens = span_end - span_start;
+        for (size_t d = 0; d <= layers; d++) {
+            float *to = d == 0 ? &embeds[(from - start) * hidden] : &deepstack[((d - 1) * fed + (from - start)) * hidden];
+            std::memcpy(to, &features[i][(d * tokens + (from - span_start)) * hidden], (span_end - from) * hidden * sizeof(float));
+        }
     }
-    const std::vector<float> *logits = &run_decoder(embeds, prompt_length - start, prompt.positions.data() + start, prompt_length, *cache);
+    const std::vector<float> *logits =
+        &run_decoder(embeds, fed, prompt.positions.data() + start, prompt_length, *cache, layers ? &deepstack : nullptr);
     result.timings_ms["prefill"] = elapsed_ms(clock);
     result.timings_ms["time_to_first_token"] = result.timings_ms["preprocess"] + result.timings_ms["vision"] + result.timings_ms["prefill"];
 
@@ -591,7 +687,7 @@ Result Engine::ground(const std::vector<Rgb8Image> &images, const std::string &q
     result.text = decode_text(tokens);
     for (auto &image : prepared)
         result.images.push_back({image.width, image.height, image.resized_width, image.resized_height});
-    result.boxes = parse_answer(result.text, manifest_.family, result.images);
+    result.boxes = parse_answer(result.text, manifest_.box_syntax, result.images);
     return result;
 }
 

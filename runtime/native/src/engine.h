@@ -22,6 +22,7 @@ struct TextConfig {
     int hidden_size = 0, num_layers = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, vocab_size = 0;
     double rope_theta = 0;
     int mrope_section[3] = {0, 0, 0};
+    bool mrope_interleaved = false;  // Qwen3-VL: the axes take turns over the frequencies (runtime/rotary.py)
 };
 
 struct GraphFile {
@@ -31,6 +32,7 @@ struct GraphFile {
 
 struct Manifest {
     std::string family;
+    std::string box_syntax;  // ref_tokens, json_pixels or json_relative (absent in older bundles: the family's)
     TextConfig text;
     VisionConfig vision;
     PreprocessConfig preprocess;
@@ -69,7 +71,7 @@ public:
 
 private:
     std::vector<float> inv_freq_;
-    std::vector<int> axis_;  // frequency j follows positions[axis_[j]]
+    std::vector<int> axis_;  // frequency j follows positions[axis_[j]] (blocked or interleaved, as mrope_axes)
 };
 
 struct Result {
@@ -102,13 +104,16 @@ private:
     struct Cache;
     struct PrefixState;
 
+    // An image's features stacked [1 + D, tokens, hidden] in raster order: row 0 the image features,
+    // rows 1.. DeepStack's (D = len(deepstack_layers), 0 without DeepStack); cached by image content.
     std::vector<float> encode_image(const PreparedImage &image);
     std::vector<float> embed(const int64_t *ids, size_t count);
     std::string decode_text(const std::vector<int32_t> &tokens) const;
     bool is_eos(int32_t token) const;
     // One decoder pass over `count` embeddings after the cache's filled prefix; returns the last logits.
+    // deepstack: DeepStack's input [D, 1, count, hidden] for a DeepStack decoder (null: zeros, text tokens).
     const std::vector<float> &run_decoder(const std::vector<float> &embeds, size_t count, const int64_t *positions,
-                                          size_t position_stride, Cache &cache);
+                                          size_t position_stride, Cache &cache, const std::vector<float> *deepstack = nullptr);
 
     std::string bundle_dir_;
     Manifest manifest_;

@@ -17,11 +17,15 @@ const char *ORDINALS[] = {"first", "second", "third", "fourth", "fifth", "sixth"
                           "eleventh", "twelfth"};
 const char *NO_TARGET_TEXT = "None";
 
-std::string format_hint(const std::string &family) {
-    if (family == "qwen2_vl")
+// The instruction's format hint per box syntax (_FORMAT_HINT in runtime/grounding.py, verbatim).
+std::string format_hint(const std::string &syntax) {
+    if (syntax == "ref_tokens")
         return "Give every target as <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> "
                "with coordinates from 0 to 1000, each after the image it lies in (\"In the second image: ...\"). "
                "If nothing matches, answer " + std::string(NO_TARGET_TEXT) + ".";
+    if (syntax == "json_relative")
+        return "Give every target as JSON: [{\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"...\", \"image\": n}], "
+               "with coordinates from 0 to 1000 and n the number of the image it lies in. If nothing matches, answer [].";
     return "Give every target as JSON: [{\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"...\", \"image\": n}], "
            "with pixel coordinates and n the number of the image it lies in. If nothing matches, answer [].";
 }
@@ -148,10 +152,10 @@ struct RawBox {
     int image;
     double coords[4];
     std::string label;
-    bool qwen2_syntax;
 };
 
-std::vector<RawBox> parse_qwen2(const std::string &text) {
+// Special-token boxes (the ref_tokens form).
+std::vector<RawBox> parse_ref_tokens(const std::string &text) {
     std::vector<RawBox> out;
     int image = 0;
     size_t last_end = 0;
@@ -159,7 +163,7 @@ std::vector<RawBox> parse_qwen2(const std::string &text) {
         bool found;
         int mentioned = image_mention(text.substr(last_end, g[0].first - last_end), found);
         if (found) image = mentioned;
-        RawBox box{image, {}, group(text, g, 1), true};
+        RawBox box{image, {}, group(text, g, 1)};
         for (int i = 0; i < 4; i++) box.coords[i] = to_double(group(text, g, size_t(2 + i)));
         out.push_back(box);
         last_end = g[0].second;
@@ -218,13 +222,14 @@ std::string json_unescape(const std::string &s) {
     return out;
 }
 
-std::vector<RawBox> parse_qwen2_5(const std::string &text) {
+// bbox_2d objects (the JSON form of json_pixels and json_relative).
+std::vector<RawBox> parse_json(const std::string &text) {
     std::vector<RawBox> out;
     Groups g;
     for (const Groups &object : json_object().find_all(text)) {
         std::string obj = group(text, object, 0);
         if (!bbox_key().search(obj, 0, g)) continue;
-        RawBox box{0, {}, "", false};
+        RawBox box{0, {}, ""};
         for (int i = 0; i < 4; i++) box.coords[i] = to_double(group(obj, g, size_t(1 + i)));
         if (label_key().search(obj, 0, g)) box.label = json_unescape(group(obj, g, 1));
         if (image_key().search(obj, 0, g)) box.image = int(to_int(group(obj, g, 1))) - 1;
@@ -259,43 +264,60 @@ std::string strip(const std::string &s) {
 
 }  // namespace
 
-std::string forced_continuation(const std::string &text, const std::string &family, const std::string &mode) {
+std::string forced_continuation(const std::string &text, const std::string &syntax, const std::string &mode) {
     if (mode == "raw" || (mode == "cot" && text.find("<answer>") == std::string::npos)) return "";
-    // (what the generated text ends with, what must follow), as the formatter writes each family's boxes.
+    // (what the generated text ends with, what must follow), as the formatter writes each form's boxes.
     static const Pattern object_ref_end("<\\|object_ref_end\\|>$"), first_corner("<\\|box_start\\|>\\(\\d+,\\d+\\)$"),
         both_corners("<\\|box_start\\|>\\(\\d+,\\d+\\),\\(\\d+,\\d+\\)$"), open_object("\\{\"$"),
         bbox("\"bbox_2d\": \\[\\d+, \\d+, \\d+, \\d+\\]$");
-    static const std::vector<std::pair<const Pattern *, std::string>> qwen2 = {
+    static const std::vector<std::pair<const Pattern *, std::string>> ref_tokens = {
         {&object_ref_end, "<|box_start|>("}, {&first_corner, ",("}, {&both_corners, "<|box_end|>"}};
-    static const std::vector<std::pair<const Pattern *, std::string>> qwen2_5 = {
+    static const std::vector<std::pair<const Pattern *, std::string>> json_form = {
         {&open_object, "bbox_2d\": ["}, {&bbox, ", \"label\": \""}};
     Groups groups;
-    for (const auto &[ending, forced] : family == "qwen2_vl" ? qwen2 : qwen2_5)
+    for (const auto &[ending, forced] : syntax == "ref_tokens" ? ref_tokens : json_form)
         if (ending->search(text, 0, groups)) return forced;
     return "";
 }
 
 bool is_mode(const std::string &mode) { return mode == "direct" || mode == "cot" || mode == "raw"; }
-bool is_family(const std::string &family) { return family == "qwen2_vl" || family == "qwen2_5_vl"; }
-
-std::string build_instruction(const std::string &query, const std::string &family, const std::string &mode) {
-    if (mode == "raw") return query;
-    if (mode == "direct") return query + "\n" + format_hint(family);
-    return query + "\n" + format_hint(family) + "\n" + COT_HINT;
+bool is_family(const std::string &family) { return !family_box_syntax(family).empty(); }
+bool is_box_syntax(const std::string &syntax) {
+    return syntax == "ref_tokens" || syntax == "json_pixels" || syntax == "json_relative";
+}
+std::string family_box_syntax(const std::string &family) {
+    if (family == "qwen2_vl") return "ref_tokens";
+    if (family == "qwen2_5_vl") return "json_pixels";
+    if (family == "qwen3_vl") return "json_relative";
+    return "";
 }
 
-std::vector<Box> parse_answer(const std::string &text, const std::string &family, const std::vector<ImageGeometry> &geometries) {
+std::string build_instruction(const std::string &query, const std::string &syntax, const std::string &mode) {
+    if (mode == "raw") return query;
+    if (mode == "direct") return query + "\n" + format_hint(syntax);
+    return query + "\n" + format_hint(syntax) + "\n" + COT_HINT;
+}
+
+std::vector<Box> parse_answer(const std::string &text, const std::string &syntax, const std::vector<ImageGeometry> &geometries) {
     std::string body = text;
     auto answers = answer_tag().find_all(text);
     if (!answers.empty()) body = group(text, answers.back(), 1);
-    std::vector<RawBox> raw = family == "qwen2_5_vl" ? parse_qwen2_5(body) : parse_qwen2(body);
-    if (raw.empty()) raw = family == "qwen2_5_vl" ? parse_qwen2(body) : parse_qwen2_5(body);
+    // The syntax's own form; when it yields no box, the other form (_OTHER_FORM in Python): special-token
+    // boxes (always relative) for a JSON syntax, json_pixels for ref_tokens.
+    bool json_form = syntax != "ref_tokens";
+    bool relative = syntax != "json_pixels";
+    std::vector<RawBox> raw = json_form ? parse_json(body) : parse_ref_tokens(body);
+    if (raw.empty()) {
+        json_form = !json_form;
+        relative = !json_form;
+        raw = json_form ? parse_json(body) : parse_ref_tokens(body);
+    }
     std::vector<Box> boxes;
     for (const RawBox &r : raw) {
         if (r.image < 0 || r.image >= int(geometries.size())) continue;
         const ImageGeometry &geom = geometries[size_t(r.image)];
         double sx, sy;
-        if (r.qwen2_syntax) sx = geom.width / 1000.0, sy = geom.height / 1000.0;
+        if (relative) sx = geom.width / 1000.0, sy = geom.height / 1000.0;
         else sx = double(geom.width) / geom.resized_width, sy = double(geom.height) / geom.resized_height;
         double x1 = r.coords[0] * sx, x2 = r.coords[2] * sx, y1 = r.coords[1] * sy, y2 = r.coords[3] * sy;
         if (x1 > x2) std::swap(x1, x2);

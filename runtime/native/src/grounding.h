@@ -18,14 +18,19 @@ struct ImageGeometry {
 };
 
 bool is_mode(const std::string &mode);
+// The model families (a manifest's family) and box syntaxes (its box_syntax: ref_tokens, json_pixels,
+// json_relative; runtime/grounding.py's SYNTAXES) this runtime reads.
 bool is_family(const std::string &family);
-// The user text for a query: raw sends it verbatim; direct and cot add the family's format.
-std::string build_instruction(const std::string &query, const std::string &family, const std::string &mode);
-// Boxes in a whole completion, mapped to original pixels and clamped (parse_answer).
-std::vector<Box> parse_answer(const std::string &text, const std::string &family, const std::vector<ImageGeometry> &geometries);
+bool is_box_syntax(const std::string &syntax);
+// A family's own box syntax (what a manifest without box_syntax means); "" for an unknown family.
+std::string family_box_syntax(const std::string &family);
+// The user text for a query: raw sends it verbatim; direct and cot add the box syntax's format hint.
+std::string build_instruction(const std::string &query, const std::string &syntax, const std::string &mode);
+// Boxes in a whole completion written in a box syntax, mapped to original pixels and clamped (parse_answer).
+std::vector<Box> parse_answer(const std::string &text, const std::string &syntax, const std::vector<ImageGeometry> &geometries);
 
-// The text the family's box syntax forces after `text` (what has been generated so far), or "": only
-// inside an answer (in cot mode after <answer>), never in raw mode (forced_continuation in Python).
-std::string forced_continuation(const std::string &text, const std::string &family, const std::string &mode);
+// The text the box syntax forces after `text` (what has been generated so far), or "": only inside an
+// answer (in cot mode after <answer>), never in raw mode (forced_continuation in Python).
+std::string forced_continuation(const std::string &text, const std::string &syntax, const std::string &mode);
 
 }  // namespace gemvg

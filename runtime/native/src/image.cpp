@@ -429,6 +429,47 @@ std::vector<float> inverse_frequencies(double theta, int dim) {
     return inv_freq;
 }
 
+namespace {
+
+// The 2 taps into a `side`-long table axis and their float32 weights for position `index` on an axis of
+// `size` patches (align_corners=True), in runtime/vision.py's _bilinear_axis float32 operation order.
+void bilinear_axis(int index, int size, long long side, int64_t taps[2], float weights[2]) {
+    float src = float(index) * float(side - 1) / float(std::max(size - 1, 1));
+    float floor = std::floor(src);
+    for (int k = 0; k < 2; k++) {
+        taps[k] = std::min<int64_t>(std::max<int64_t>(int64_t(floor) + k, 0), side - 1);
+        float distance = std::fabs(src - floor - float(k));
+        weights[k] = std::max(1.0f - distance, 0.0f);
+    }
+}
+
+}  // namespace
+
+void position_interpolation(int grid_h, int grid_w, int merge, long long num_position_embeddings,
+                            std::vector<int64_t> &taps, std::vector<float> &weights) {
+    long long side = (long long)std::sqrt(double(num_position_embeddings));  // Python's math.isqrt
+    while (side * side > num_position_embeddings) side--;
+    while ((side + 1) * (side + 1) <= num_position_embeddings) side++;
+    size_t patches = size_t(grid_h) * size_t(grid_w);
+    taps.assign(patches * 4, 0);
+    weights.assign(patches * 4, 0.0f);
+    size_t row = 0;
+    for (int bh = 0; bh < grid_h / merge; bh++)
+        for (int bw = 0; bw < grid_w / merge; bw++)
+            for (int mh = 0; mh < merge; mh++)
+                for (int mw = 0; mw < merge; mw++, row++) {
+                    int64_t h_taps[2], w_taps[2];
+                    float h_weights[2], w_weights[2];
+                    bilinear_axis(bh * merge + mh, grid_h, side, h_taps, h_weights);
+                    bilinear_axis(bw * merge + mw, grid_w, side, w_taps, w_weights);
+                    for (int i = 0; i < 2; i++)
+                        for (int j = 0; j < 2; j++) {  // (top, left), (top, right), (bottom, left), (bottom, right)
+                            taps[row * 4 + size_t(i * 2 + j)] = h_taps[i] * side + w_taps[j];
+                            weights[row * 4 + size_t(i * 2 + j)] = h_weights[i] * w_weights[j];
+                        }
+                }
+}
+
 VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config) {
     int m = config.spatial_merge_size, unit = m * m;
     size_t patches = size_t(image.grid_t) * image.grid_h * image.grid_w;
@@ -454,6 +495,18 @@ VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config)
                                 feeds.rotary_sin[at] = feeds.rotary_sin[at + spatial] = s;
                             }
                     }
+    if (config.num_position_embeddings > 0) {  // Qwen3-VL: a learned position table, no window attention
+        if (config.window_size > 0)
+            throw Error(ErrorKind::Bundle, "a vision config with both a learned position table and window attention is not a "
+                                           "Qwen-VL tower gemvg knows");
+        std::vector<int64_t> taps;
+        std::vector<float> weights;
+        position_interpolation(image.grid_h, image.grid_w, m, config.num_position_embeddings, taps, weights);
+        for (int ti = 0; ti < image.grid_t; ti++) {  // the same taps for every temporal patch
+            feeds.position_taps.insert(feeds.position_taps.end(), taps.begin(), taps.end());
+            feeds.position_weights.insert(feeds.position_weights.end(), weights.begin(), weights.end());
+        }
+    }
     if (config.window_size <= 0) {
         feeds.pixel_values = image.pixel_values;
         return feeds;

@@ -27,6 +27,8 @@ struct VisionConfig {
     double rope_theta = 10000;
     int patch_size = 14, spatial_merge_size = 2;
     int window_size = 0;  // Qwen2.5-VL window attention in pixels; 0 = none
+    long long num_position_embeddings = 0;  // Qwen3-VL: a learned square position table's rows; 0 = none
+    std::vector<int> deepstack_layers;      // Qwen3-VL DeepStack: vision blocks added into the first decoder layers
 };
 
 struct PreparedImage {
@@ -45,6 +47,9 @@ struct VisionFeeds {
     std::vector<int64_t> window_scatter;                       // [patches]
     int64_t windows = 0, longest = 0;
     std::vector<int64_t> restore_order;  // merged-token permutation back to raster order (windows only)
+    // Learned position table only (Qwen3-VL; empty without it): each patch's 4 bilinear taps and weights.
+    std::vector<int64_t> position_taps;   // [patches, 4]
+    std::vector<float> position_weights;  // [patches, 4]
 };
 
 // Decodes a JPEG or PNG file to RGB8 (EXIF orientation applied for JPEG), checking the size against
@@ -66,6 +71,11 @@ std::pair<int, int> smart_resize(int height, int width, int factor, long long mi
 Rgb8Image resize_bicubic(const Rgb8Image &image, int width, int height);
 PreparedImage preprocess_image(const Rgb8Image &image, const PreprocessConfig &config);
 VisionFeeds vision_feeds(const PreparedImage &image, const VisionConfig &config);
+// Bilinear resampling (align corners) of a square table of num_position_embeddings rows to a grid_h x
+// grid_w image, per patch in merge-block order: 4 taps and their float32 weights, bit for bit as
+// runtime/vision.py's position_interpolation (BUNDLE.md 3.3).
+void position_interpolation(int grid_h, int grid_w, int merge, long long num_position_embeddings,
+                            std::vector<int64_t> &taps, std::vector<float> &weights);
 
 inline float rounded_cos(float angle) { return float(std::cos(double(angle))); }
 inline float rounded_sin(float angle) { return float(std::sin(double(angle))); }

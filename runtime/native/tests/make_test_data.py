@@ -1,4 +1,4 @@
-"""Tiny bundles of both families and test images for the native runtime's ctest (no downloads).
+"""Tiny bundles of every family and test images for the native runtime's ctest (no downloads).
 
     python runtime/native/tests/make_test_data.py OUT_DIR
 """
@@ -14,7 +14,7 @@ from gemvg.export.exporter import export_bundle
 
 
 def main(out: Path) -> None:
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         if not (out / "bundles" / family / "manifest.json").is_file():
             checkpoint = make_checkpoint(out / "checkpoints" / family, family=family, preset="tiny", seed=1)
             export_bundle(checkpoint, out / "bundles" / family, progress=lambda message: None)

@@ -1,7 +1,8 @@
 // native-check: the runtime's parts one at a time, for tests/test_native.py to compare with Python.
 //   native-check tokenize TOKENIZER_JSON   stdin: JSON list of strings     -> stdout: JSON list of id lists
 //   native-check decode TOKENIZER_JSON     stdin: JSON list of id lists    -> stdout: JSON list of strings
-//   native-check parse                     stdin: JSON list of {text, family, geometries: [[w, h, rw, rh]]}
+//   native-check parse                     stdin: JSON list of {text, syntax, geometries: [[w, h, rw, rh]]}
+//                                          (syntax: ref_tokens, json_pixels or json_relative)
 //                                          -> stdout: JSON list of box lists [image, x1, y1, x2, y2, label]
 //   native-check vision BUNDLE IMAGE       -> stdout: JSON of the vision encoder's feeds
 //   native-check forced BUNDLE MODE        stdin: JSON list of generated id lists -> the ids jump-forward feeds
@@ -37,7 +38,7 @@ int main(int argc, char **argv) {
                 std::vector<gemvg::ImageGeometry> geometries;
                 for (const json &g : item.at("geometries")) geometries.push_back({g.at(0), g.at(1), g.at(2), g.at(3)});
                 json boxes = json::array();
-                for (const gemvg::Box &b : gemvg::parse_answer(item.at("text"), item.at("family"), geometries))
+                for (const gemvg::Box &b : gemvg::parse_answer(item.at("text"), item.at("syntax"), geometries))
                     boxes.push_back({b.image, b.x1, b.y1, b.x2, b.y2, b.label});
                 out.push_back(boxes);
             }
@@ -50,7 +51,8 @@ int main(int argc, char **argv) {
             json out = {{"pixel_values", feeds.pixel_values}, {"rotary_cos", feeds.rotary_cos},
                         {"rotary_sin", feeds.rotary_sin}, {"window_gather", feeds.window_gather},
                         {"window_scatter", feeds.window_scatter}, {"restore_order", feeds.restore_order},
-                        {"windows", feeds.windows}, {"longest", feeds.longest}};
+                        {"windows", feeds.windows}, {"longest", feeds.longest},
+                        {"position_taps", feeds.position_taps}, {"position_weights", feeds.position_weights}};
             std::vector<int> bias;  // -inf does not survive JSON: 1 marks a masked slot
             for (float b : feeds.window_bias) bias.push_back(b < 0);
             out["window_masked"] = bias;
@@ -68,7 +70,7 @@ int main(int argc, char **argv) {
                 images.push_back(gemvg::preprocess_image(gemvg::load_image_file(argv[i], manifest.preprocess.max_image_pixels),
                                                          manifest.preprocess));
             gemvg::Prompt prompt = gemvg::build_prompt(manifest, tokenizer,
-                                                       gemvg::build_instruction(argv[4], manifest.family, argv[3]), images);
+                                                       gemvg::build_instruction(argv[4], manifest.box_syntax, argv[3]), images);
             size_t n = prompt.input_ids.size();
             gemvg::MRopeAngles rotary(manifest.text);
             std::vector<float> cos_rows(n * rotary.half()), sin_rows(n * rotary.half());
