@@ -7,7 +7,8 @@ Every request has new random images (sizes cycle through a few shapes, so prompt
 Runtime's buffer shapes vary); every fourth is a follow-up query on the previous request's images, so
 the feature cache and prefix reuse are exercised too. With --threads N the requests come from N threads
 at once. The figure of merit is the RSS growth from the end of the warm-up (the first --warmup requests
-done) to the end: what would grow with the number of requests (feature cache, prefix state, KV buffers,
+done) to the end (the last request done; both taken as a request finishes, with the request threads
+alive): what would grow with the number of requests (feature cache, prefix state, KV buffers,
 ONNX Runtime's arenas) shows there. The RSS is also sampled every --every requests and printed as a table
 of checkpoints, with two more figures to tell a plateau from a trend: the peak growth (the highest
 checkpoint after the warm-up) and the growth over the second half (the end against the checkpoint halfway
@@ -44,8 +45,9 @@ class SoakResult:
     threads: int
     seconds: float
     rss_after_warmup_mb: float
-    rss_end_mb: float
+    rss_end_mb: float  # the checkpoint at the last request, taken as the warm-up's was (request threads alive)
     rss_peak_mb: float
+    rss_idle_mb: float  # once the request threads have exited (their stacks and caches gone)
     growth_percent: float  # end against after warm-up
     peak_growth_percent: float  # the highest checkpoint after the warm-up against after warm-up
     second_half_growth_percent: float  # end against the checkpoint halfway from the warm-up to the end
@@ -114,29 +116,28 @@ def soak(bundle: str | Path, requests: int, warmup: int, threads: int = 1, seed:
             for future in [pool.submit(one, index) for index in range(requests)]:
                 future.result()
     seconds = time.perf_counter() - start
-    end, end_anon = _memory_mb()
+    idle = _memory_mb()[0]
     cache = engine.feature_cache
     samples.sort()
     rss = [(count, mb) for count, mb, _ in samples]
     anon = [(count, mb) for count, _, mb in samples]
     after_warmup = next(mb for count, mb in rss if count == warmup)
-    return SoakResult(requests, warmup, threads, round(seconds, 1), round(after_warmup, 1), round(end, 1),
-                      round(max(mb for _, mb in rss), 1), *growth(rss, warmup, requests, end),
-                      *growth(anon, warmup, requests, end_anon), len(cache.entries), round(cache.bytes / 2 ** 20, 2),
+    return SoakResult(requests, warmup, threads, round(seconds, 1), round(after_warmup, 1), round(rss[-1][1], 1),
+                      round(max(mb for _, mb in rss), 1), round(idle, 1), *growth(rss, warmup, requests),
+                      *growth(anon, warmup, requests), len(cache.entries), round(cache.bytes / 2 ** 20, 2),
                       [(count, round(a, 1), round(b, 1)) for count, a, b in samples])
 
 
-def growth(samples: list[tuple[int, float]], warmup: int, requests: int, end_mb: float
-           ) -> tuple[float, float, float]:
-    """Growth in percent against the RSS after the warm-up (the checkpoint at `warmup` requests done): at
-    the end, at the highest checkpoint after the warm-up, and over the second half (the end against the
-    checkpoint nearest halfway between the warm-up and the end)."""
+def growth(samples: list[tuple[int, float]], warmup: int, requests: int) -> tuple[float, float, float]:
+    """Growth in percent against the checkpoint after the warm-up (at `warmup` requests done): of the end
+    (the checkpoint at `requests`), of the highest checkpoint after the warm-up, and over the second half
+    (the end against the checkpoint nearest halfway between the warm-up and the end)."""
     samples = sorted(samples)
     reference = next(mb for count, mb in samples if count == warmup)
+    end = next(mb for count, mb in samples if count == requests)
     late = [(count, mb) for count, mb in samples if count >= warmup]
     halfway = min(late, key=lambda sample: abs(sample[0] - (warmup + requests) / 2))[1]
-    return (_percent(end_mb, reference), _percent(max(mb for _, mb in late), reference),
-            _percent(end_mb, halfway))
+    return _percent(end, reference), _percent(max(mb for _, mb in late), reference), _percent(end, halfway)
 
 
 def _percent(value: float, reference: float) -> float:
@@ -167,7 +168,8 @@ def _main(argv: list[str] | None) -> int:
           f"{result.rss_end_mb} MB at the end ({result.growth_percent:+.2f}%), peak after the warm-up "
           f"{result.peak_growth_percent:+.2f}%, second half {result.second_half_growth_percent:+.2f}%; anonymous "
           f"part {result.anon_growth_percent:+.2f}% (peak {result.anon_peak_growth_percent:+.2f}%, second half "
-          f"{result.anon_second_half_growth_percent:+.2f}%); peak RSS {result.rss_peak_mb} MB; feature cache "
+          f"{result.anon_second_half_growth_percent:+.2f}%); peak RSS {result.rss_peak_mb} MB; "
+          f"{result.rss_idle_mb} MB once the request threads had exited; feature cache "
           f"{result.feature_cache_entries} entries, {result.feature_cache_mb} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
