@@ -310,6 +310,10 @@ Engine::Engine(const std::string &bundle_dir, const std::string &device, int thr
     manifest_ = load_manifest(bundle_dir, true);
     tokenizer_ = std::make_unique<Tokenizer>(bundle_dir + "/" + manifest_.tokenizer.path);
     options_.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    // No memory patterns, as the Python engine (runtime/sessions.py): our shapes change with every request
+    // (prompt length, KV capacity, image size), so cached patterns make ONNX Runtime's arena take blocks of
+    // ever different sizes, and with concurrent requests its resident part climbs in steps.
+    options_.DisableMemPattern();
     if (threads > 0) {
         options_.SetIntraOpNumThreads(threads);
         options_.SetInterOpNumThreads(1);
