@@ -33,7 +33,7 @@ import numpy as np
 
 from gemvg.runtime import bundle_io as io
 from gemvg.runtime.errors import GemvgError
-from gemvg.runtime.families import Family, UnknownFamilyError, family
+from gemvg.runtime.families import CheckpointConfigError, Family, UnknownFamilyError, checkpoint_family
 from gemvg.runtime.manifest import SCHEMA_VERSION, Limits, Manifest, PromptTemplate, TokenIds, VisionConfig, graph_file
 
 from .memory import peak_rss_gb, trim_heap
@@ -98,9 +98,11 @@ def read_json(path: Path) -> dict:
 
 def detect_family(model_dir: Path) -> Family:
     try:
-        return family(read_json(model_dir / "config.json").get("model_type"))
+        return checkpoint_family(model_dir)
     except UnknownFamilyError as err:
         raise ExportError(f"{model_dir}: {err}") from None
+    except CheckpointConfigError as err:
+        raise ExportError(str(err)) from None
 
 
 def read_chat_template(model_dir: Path) -> str:

@@ -18,8 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gemvg.runtime.errors import GemvgError
-from gemvg.runtime.families import Family, family
+from gemvg.runtime.families import Family, checkpoint_family, read_checkpoint_config
 from gemvg.runtime.grounding import ImageGeometry
 
 
@@ -29,17 +28,6 @@ def hf_class(of: Family, which: str):
     if which in ("config", "model"):
         return getattr(importlib.import_module("transformers"), name)
     return getattr(importlib.import_module(of.module), name)
-
-
-def checkpoint_family(checkpoint: str | Path) -> Family:
-    path = Path(checkpoint) / "config.json"
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except FileNotFoundError:
-        raise GemvgError(f"{checkpoint} is not a transformers checkpoint (no config.json)") from None
-    except json.JSONDecodeError as err:
-        raise GemvgError(f"{path}: not valid JSON ({err})") from None
-    return family(model_type)
 
 
 def load_model(checkpoint: str | Path, attention: str | None = None):
@@ -62,7 +50,7 @@ class Reference:
 
         self.checkpoint = Path(checkpoint)
         self.family = checkpoint_family(checkpoint)
-        self.config = json.loads((self.checkpoint / "config.json").read_text())
+        self.config = read_checkpoint_config(self.checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         processor_config = json.loads((self.checkpoint / "preprocessor_config.json").read_text())
         processor_config.pop("image_processor_type", None)

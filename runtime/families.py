@@ -12,7 +12,9 @@ Torch-free on purpose: the runtime imports it. transformers classes are named, n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import GemvgError
@@ -171,3 +173,30 @@ def family(model_type: str) -> Family:
         raise UnknownFamilyError(f"model_type {model_type!r} is not a family gemvg knows; it reads "
                                  f"{', '.join(FAMILIES)}")
     return found
+
+
+class CheckpointConfigError(GemvgError):
+    """A model folder without a readable config.json."""
+
+
+def read_checkpoint_config(model_dir: str | Path) -> dict:
+    """A checkpoint folder's config.json; one-line errors for a missing folder, file or bad JSON."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointConfigError(f"model directory not found: {model_dir}")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointConfigError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointConfigError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def checkpoint_family(model_dir: str | Path) -> Family:
+    """The family of a checkpoint folder, from its config.json's model_type (export, training and the
+    transformers reference read a checkpoint's family here)."""
+    return family(read_checkpoint_config(model_dir).get("model_type"))

@@ -11,7 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gemvg.runtime.families import Family, UnknownFamilyError, family
+from gemvg.runtime.families import (CheckpointConfigError, Family, UnknownFamilyError, family,
+                                    read_checkpoint_config)
 
 from .schema import DataError
 
@@ -28,22 +29,16 @@ class CheckpointError(DataError):
 
 
 def read_config(model_dir: str | Path) -> dict:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model directory not found: {model_dir}")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON ({err.msg})") from err
+        return read_checkpoint_config(model_dir)
+    except CheckpointConfigError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def checkpoint_family(model_dir: str | Path, require_processor: bool = True) -> Family:
     """A checkpoint's model family (gemvg.runtime.families), from its config's model_type."""
     try:
-        found = family(read_config(model_dir).get("model_type", ""))
+        found = family(read_config(model_dir).get("model_type"))
     except UnknownFamilyError as err:
         raise CheckpointError(f"{model_dir}: {err}") from None
     if require_processor and not (Path(model_dir) / "preprocessor_config.json").is_file():
