@@ -30,7 +30,7 @@ from gemvg.runtime.manifest import Manifest
 from gemvg.runtime.preprocess import load_image, preprocess_image
 from gemvg.runtime.prompt import build_prompt, deepstack_embeds
 from gemvg.runtime.rotary import MRopeAngles
-from gemvg.runtime.vision import vision_feeds
+from gemvg.runtime.vision import stack_vision_outputs, vision_feeds
 
 from .decoder_builder import DecoderSource, WeightFormat, build_decoder
 from .safetensors_io import CheckpointTensors
@@ -117,18 +117,11 @@ def check_vision(vision_graph: Path, preprocess, vision, visual, release: Callab
     for image, reference in zip(images, references):
         feeds = vision_feeds(image.pixel_values, image.grid_thw, vision)
         inputs = {name: getattr(feeds, name) for name in io.VISION_INPUTS if name in declared}
-        ours = stack_features(session.run(None, inputs))
-        if feeds.restore_order is not None:
-            ours = ours[:, feeds.restore_order]
+        ours = stack_vision_outputs(session.run(None, inputs), feeds.restore_order)
         worst = float(np.max([worst, np.abs(ours - reference).max() / max(1.0, np.abs(reference).max())]))
         lowest = min(lowest, cosine(ours, reference))
         features.append(ours)
     return VisionCheck(images, features, worst, lowest)
-
-
-def stack_features(outputs: list[np.ndarray]) -> np.ndarray:
-    """A vision run's outputs as [1 + deepstack layers, tokens, hidden]: the image features, then DeepStack's."""
-    return np.concatenate([outputs[0][None], *outputs[1:]]) if len(outputs) > 1 else outputs[0][None]
 
 
 def reference_text_model(family_text_class, text_config, tensors: CheckpointTensors, layers: Sequence[int]):

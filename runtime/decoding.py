@@ -74,6 +74,9 @@ class DecoderPasses:
         missing = [n for n in names + list(io.DECODER_STEP_INPUTS)
                    + [io.DECODER_ROTARY_COS, io.DECODER_ROTARY_SIN, io.DECODER_LOGITS] if n not in declared]
         self.deepstack_layers = len(manifest.vision.deepstack_layers)
+        # DeepStack's input of a one-token step (generated text: zeros), made once, never written.
+        self.no_deepstack = np.zeros((self.deepstack_layers, 1, 1, manifest.text.hidden_size), np.float32)
+        self.no_deepstack.flags.writeable = False
         if self.deepstack_layers and io.DECODER_DEEPSTACK_EMBEDS not in declared:
             missing.append(io.DECODER_DEEPSTACK_EMBEDS)
         if missing:
@@ -100,8 +103,10 @@ class DecoderPasses:
                  io.DECODER_SEQLENS_K: np.asarray([total - 1], np.int32),
                  io.DECODER_TOTAL_SEQUENCE_LENGTH: np.asarray(total, np.int32)}
         if self.deepstack_layers:
-            feeds[io.DECODER_DEEPSTACK_EMBEDS] = deepstack if deepstack is not None else \
-                np.zeros((self.deepstack_layers, 1, count, embeds.shape[2]), np.float32)
+            if deepstack is None:
+                deepstack = self.no_deepstack if count == 1 else \
+                    np.zeros((self.deepstack_layers, 1, count, embeds.shape[2]), np.float32)
+            feeds[io.DECODER_DEEPSTACK_EMBEDS] = deepstack
         return feeds
 
     def decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,

@@ -31,7 +31,7 @@ from .manifest import Manifest, load_manifest
 from .preprocess import ImageInput, PreparedImage, load_image, preprocess_image
 from .prompt import Prompt, build_prompt, deepstack_embeds
 from .sessions import open_sessions, providers_for, tensorrt_options  # noqa: F401 (the engine's public names)
-from .vision import vision_feeds
+from .vision import stack_vision_outputs, vision_feeds
 
 # Tokens of generated text re-tokenized with the forced text (the longest forced ending, Qwen2-VL's
 # "<|box_start|>(x,y),(x,y)", is under 20 tokens even one byte per token).
@@ -178,9 +178,7 @@ class Engine:
 
     def encode_image(self, image: PreparedImage) -> np.ndarray:
         inputs, restore_order = self.vision_inputs(image)
-        outputs = self.vision.run(None, inputs)  # image features[, deepstack features]
-        stacked = np.concatenate([outputs[0][None], *outputs[1:]]) if len(outputs) > 1 else outputs[0][None]
-        return stacked if restore_order is None else stacked[:, restore_order]
+        return stack_vision_outputs(self.vision.run(None, inputs), restore_order)
 
     def embed_prompt(self, prompt: Prompt, features: list[np.ndarray | None], start: int = 0) -> np.ndarray:
         """Embeddings of prompt tokens from `start` on, image tokens replaced by their features."""

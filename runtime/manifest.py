@@ -251,6 +251,8 @@ def check_fields(manifest: Manifest, path: Path) -> None:
         fail(f"vision.deepstack_layers {vision.deepstack_layers!r} are not block numbers")
     if len(_sequence(vision.deepstack_layers)) > text.num_layers:
         fail(f"vision.deepstack_layers feeds {len(deepstack)} decoder layers; the decoder has {text.num_layers}")
+    if vision.num_position_embeddings and vision.window_size:
+        fail("vision has both a learned position table and window attention: no Qwen-VL tower gemvg knows")
     if not isinstance(text.mrope_interleaved, bool):
         fail(f"text.mrope_interleaved is {text.mrope_interleaved!r}, not true or false")
     tokens = manifest.tokens

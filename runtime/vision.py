@@ -88,6 +88,13 @@ def position_interpolation(grid_h: int, grid_w: int, merge: int,
     return taps, weights
 
 
+def stack_vision_outputs(outputs: list[np.ndarray], restore_order: np.ndarray | None) -> np.ndarray:
+    """One vision run's outputs as [1 + deepstack layers, tokens, hidden] in raster order: the image
+    features, then DeepStack's for a tower that has it (the feature cache's and the decoder's layout)."""
+    stacked = np.concatenate([outputs[0][None], *outputs[1:]]) if len(outputs) > 1 else outputs[0][None]
+    return stacked if restore_order is None else stacked[:, restore_order]
+
+
 def window_partition(grid_h: int, grid_w: int, merge: int, window_merged: int) -> tuple[np.ndarray, np.ndarray]:
     """Qwen2.5-VL's window order of merged tokens and each merged token's window id (in that order)."""
     rows, cols = grid_h // merge, grid_w // merge
