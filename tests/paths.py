@@ -1,6 +1,7 @@
-"""Where the real benchmark annotation files are: ../shared/data beside the checkout (as CI lays it)."""
+"""Where the real benchmark annotation files are: ../shared/data beside the checkout (as CI lays it), or
+the folder GEMVG_SHARED_DATA names."""
 
+import os
 from pathlib import Path
 
-_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")]
-SHARED_DATA = next((path for path in _CANDIDATES if path.is_dir()), _CANDIDATES[0])
+SHARED_DATA = Path(os.environ.get("GEMVG_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
